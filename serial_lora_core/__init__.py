@@ -11,7 +11,7 @@ from .attention import SerialLoraAttention
 from .config import SerialLoraConfig
 from .errors import SerialLoraError, SerialLoraFileError
 from .export import equivalent_lora, open_base_weights, save_standard_lora
-from .files import load_serial_lora, save_serial_lora, serial_lora_state_dict
+from .files import ARCHITECTURE_ATTRIBUTE, load_serial_lora, model_architecture, save_serial_lora, serial_lora_state_dict
 from .format import FORMAT_NAME, FORMAT_VERSION, AdapterFile, read_file
 from .hosts import FUSED_QKV, JOINT_QKV, SPLIT_QKV, AttentionHost, StreamSpec, register_host, registered_hosts
 from .inject import (
@@ -36,6 +36,8 @@ from .training import count_trainable_parameters, loraplus_param_groups, serial_
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARCHITECTURE_ATTRIBUTE",
+    "model_architecture",
     "AdapterFile",
     "AttentionHost",
     "DEFAULT_ADAPTER",

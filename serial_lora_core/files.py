@@ -19,6 +19,15 @@ from .hosts import AttentionHost, StreamSpec, get_submodule, match_host
 from .inject import DEFAULT_ADAPTER, _check_adapter_name, adapter_config, attach, is_merged, serial_lora_modules
 
 
+ARCHITECTURE_ATTRIBUTE = "serial_lora_architecture"
+"""Integrations set `model.serial_lora_architecture = "<name>"`; files record it and errors quote it."""
+
+
+def model_architecture(model: nn.Module) -> str:
+    """The architecture name integrations attached to `model`, else its class name."""
+    return getattr(model, ARCHITECTURE_ATTRIBUTE, None) or type(model).__name__
+
+
 def serial_lora_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's weights under their file keys (`<attention>.serial_lora.<stream>.down.weight`, ...)."""
     out = {}
@@ -45,8 +54,8 @@ def save_serial_lora(
     """Write adapter `adapter_name` of `model` to a .safetensors file, atomically.
 
     Args:
-        architecture: name of the base architecture stored in the file (default: the model's class
-            name); loading into another architecture with other shapes names both in its error.
+        architecture: name of the base architecture stored in the file (default:
+            `model_architecture(model)`); loading into another architecture names both in its error.
         base_model: optional hub id or path of the base weights, for users of the file.
         dtype: store the weights in this dtype (default: as they are).
         metadata: extra string metadata to store.
@@ -75,7 +84,7 @@ def save_serial_lora(
         dropout=config.dropout,
         streams=streams,
         hosts=sorted(hosts),
-        architecture=architecture or type(model).__name__,
+        architecture=architecture or model_architecture(model),
         base_model=base_model,
         dtype=dtype_name(next(iter(tensors.values())).dtype),
         extra=metadata,
@@ -167,12 +176,14 @@ def load_serial_lora(
     naming the key and shapes, and leaves the model exactly as it was.
 
     Args:
-        architecture: the model's architecture name, quoted in errors next to the file's.
+        architecture: the model's architecture name, quoted in errors next to the file's
+            (default: `model_architecture(model)`).
         trainable: leave the loaded adapter trainable (default: frozen, for inference).
         dtype: adapter dtype for a newly created adapter (default: the projection's dtype).
     """
     _check_adapter_name(adapter_name)
     adapter = read_file(path)
+    architecture = architecture or model_architecture(model)
     plan = _plan(model, adapter, adapter_name, architecture)
     if architecture and adapter.architecture and architecture != adapter.architecture:
         warnings.warn(f"{adapter.path}: trained on {adapter.architecture!r}, loaded into {architecture!r} "
