@@ -49,16 +49,30 @@ class StreamAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s·weight·B·A·dropout(x), in x's dtype (the adapter may be kept in another dtype)."""
+    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """base + s·weight·B·A·dropout(x), in base's dtype.
+
+        The up-projection, the scale and the addition run as one `addmm`, so the d-wide output is
+        written once (no separate scale and add passes over it).
+        """
+        down = self.down.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
         h = self.dropout(x)
-        if h.dtype != self.down.weight.dtype and not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.down.weight.dtype)
-        out = self.up(self.down(h)) * (self.scale * self.weight)
-        return out.to(x.dtype)
+        if h.dtype != down.dtype and not autocast:
+            h = h.to(down.dtype)
+        z = self.down(h)
+        flat = base.reshape(-1, base.shape[-1])
+        if flat.dtype != z.dtype and not autocast:
+            flat = flat.to(z.dtype)
+        out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), self.up.weight.t(), alpha=self.scale * self.weight)
+        return out.view(*base.shape[:-1], out.shape[-1]).to(base.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s·weight·B·A·dropout(x) alone (for inspection; the forward path uses `add_to`)."""
+        return self.add_to(torch.zeros_like(x), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.delta(x)
+        return self.add_to(x, x)
 
     def projection_delta(self, weight: torch.Tensor) -> torch.Tensor:
         """The exact change s·weight·(W B) A of a projection W (out x d), computed in float32."""

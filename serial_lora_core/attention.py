@@ -149,9 +149,9 @@ class SerialLoraAttention(nn.ModuleDict):
         adapters = self._active(stream)
         if not adapters:
             return x
-        out = x + adapters[0].delta(x)
-        for adapter in adapters[1:]:
-            out = out + adapter.delta(x)
+        out = x
+        for adapter in adapters:
+            out = adapter.add_to(out, x)
         return out
 
     def _projection_hook(self, stream: str, _module: nn.Module, args: tuple) -> tuple | None:
