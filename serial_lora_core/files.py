@@ -16,7 +16,15 @@ from .config import SerialLoraConfig, dtype_name
 from .errors import SerialLoraFileError
 from .format import AdapterFile, StreamWeights, adapter_key, build_metadata, read_file, write_file
 from .hosts import AttentionHost, StreamSpec, get_submodule, match_host
-from .inject import DEFAULT_ADAPTER, _check_adapter_name, adapter_config, attach, is_merged, serial_lora_modules
+from .inject import (
+    DEFAULT_ADAPTER,
+    _check_adapter_name,
+    adapter_config,
+    attach,
+    find_attention_modules,
+    is_merged,
+    serial_lora_modules,
+)
 
 
 ARCHITECTURE_ATTRIBUTE = "serial_lora_architecture"
@@ -87,6 +95,7 @@ def save_serial_lora(
         architecture=architecture or model_architecture(model),
         base_model=base_model,
         dtype=dtype_name(next(iter(tensors.values())).dtype),
+        model_attention_modules=len(find_attention_modules(model, SerialLoraConfig())),
         extra=metadata,
     )
     return write_file(path, tensors, meta)
@@ -119,6 +128,11 @@ def _plan(model: nn.Module, adapter: AdapterFile, adapter_name: str, architectur
     if is_merged(model):
         raise SerialLoraFileError(f"{adapter.path}: cannot load while adapters are merged; call unmerge_serial_lora() "
                                   "first (the model was not changed)")
+    expected = adapter.model_attention_modules
+    if expected is not None:
+        actual = len(find_attention_modules(model, SerialLoraConfig()))
+        if actual != expected:
+            raise fail(f"the file was saved from a model with {expected} attention modules, this model has {actual}")
     existing = {name: module for name, module in serial_lora_modules(model) if adapter_name in module}
     if existing:
         present = {(name, stream) for name, module in existing.items() for stream in module[adapter_name]}

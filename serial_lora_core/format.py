@@ -7,7 +7,8 @@ Adapter tensors are never called lora_A/lora_B/lora_up/lora_down, so a standard 
 Metadata (safetensors `__metadata__`, all strings):
     format="serial_lora", format_version="1", rank, alpha, use_rslora ("true"/"false"), dropout,
     streams (JSON {stream: [projection, ...]}), hosts (JSON list), architecture, base_model,
-    dtype, created_by, sha256 (over the metadata and every tensor: any corruption is detected).
+    dtype, model_attention_modules (how many attention modules the source model had, adapted or
+    not: a file for a deeper or shallower model is refused), created_by, sha256 (over the metadata and every tensor: any corruption is detected).
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ class AdapterFile:
         return self.metadata.get("architecture", "")
 
     @property
+    def model_attention_modules(self) -> int | None:
+        """How many attention modules the model it was saved from had (adapted or not)."""
+        value = self.metadata.get("model_attention_modules")
+        return int(value) if value and value.isdigit() else None
+
+    @property
     def attentions(self) -> list[str]:
         return sorted({attention for attention, _ in self.weights})
 
@@ -123,6 +130,7 @@ def build_metadata(
     architecture: str,
     base_model: str | None,
     dtype: str,
+    model_attention_modules: int,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The `__metadata__` of a Serial LoRA file (before its checksum)."""
@@ -138,6 +146,7 @@ def build_metadata(
         "architecture": architecture,
         "base_model": base_model or "",
         "dtype": dtype,
+        "model_attention_modules": str(int(model_attention_modules)),
         "created_by": CREATED_BY,
     }
     for key, value in (extra or {}).items():

@@ -148,7 +148,8 @@ def set_serial_lora_scale(model: nn.Module, scale: float, adapter_name: str | No
 
 
 def enable_serial_lora(model: nn.Module, enabled: bool = True) -> None:
-    """Turn every adapter's effect on or off without changing its weights (merged weights are kept)."""
+    """Turn every adapter's effect on or off without changing its weights."""
+    _refuse_if_merged(model, "enable or disable the adapters")
     for module in _modules_with(model, None):
         module.enabled = bool(enabled)
 
