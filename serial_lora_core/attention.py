@@ -93,6 +93,9 @@ class SerialLoraAttention(nn.ModuleDict):
                 device=weight.device,
             )
             adapters[stream].config = config
+        # New modules start in training mode; follow the attention's mode so that an adapter added
+        # to a model in eval() does not apply dropout at inference.
+        adapters.train(self.attention.training)
         self[adapter_name] = adapters
         for stream in adapters:
             self._install_hooks(stream)
@@ -189,12 +192,14 @@ class SerialLoraAttention(nn.ModuleDict):
                 new = weight.detach().float()
                 for adapter in adapters:
                     new = new + scale * adapter.projection_delta(weight)
+                # Checked after the cast: a float32 result can still overflow float16.
+                new = new.to(weight.dtype)
                 if not torch.isfinite(new).all():
                     raise SerialLoraError(
-                        f"merging into {path!r} gives non-finite weights (scale={scale}); "
+                        f"merging into {path!r} gives non-finite {weight.dtype} weights (scale={scale}); "
                         "the adapter weights or the scale are too large or contain NaN/inf"
                     )
-                out[path] = new.to(weight.dtype)
+                out[path] = new
         return out
 
     def merge(self, scale: float = 1.0) -> None:

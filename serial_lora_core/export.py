@@ -66,8 +66,9 @@ def save_standard_lora(
     rank = next(iter(pairs.values()))[0].shape[0]
     tensors = {}
     for projection, (down, up) in pairs.items():
-        tensors[f"{prefix}{projection}.lora_A.weight"] = down.to(dtype).contiguous().cpu()
-        tensors[f"{prefix}{projection}.lora_B.weight"] = up.to(dtype).contiguous().cpu()
+        # Cloned: q, k and v of one stream share the same A, and safetensors refuses shared memory.
+        tensors[f"{prefix}{projection}.lora_A.weight"] = down.to(dtype).contiguous().cpu().clone()
+        tensors[f"{prefix}{projection}.lora_B.weight"] = up.to(dtype).contiguous().cpu().clone()
     meta = {"format": "pt", "lora_rank": str(rank), "lora_alpha": str(rank), "exported_from": "serial_lora"}
     meta.update(metadata or {})
     path = Path(path)

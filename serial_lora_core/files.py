@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -163,7 +163,7 @@ def _plan(model: nn.Module, adapter: AdapterFile, adapter_name: str, architectur
             raise fail(f"key {key!r} has shape {tuple(pair.down.shape)} but {attention!r} stream {stream!r} has "
                        f"{in_features} features: expected ({adapter.rank}, {in_features})")
         if isinstance(wrapper, SerialLoraAttention) and adapter_name in wrapper:
-            current = wrapper[adapter_name].get(stream) if stream in wrapper[adapter_name] else None
+            current = wrapper[adapter_name][stream] if stream in wrapper[adapter_name] else None
             if current is None:
                 raise fail(f"key {key!r}: the model's adapter {adapter_name!r} does not adapt stream {stream!r} of {attention!r}")
             if current.rank != adapter.rank:
@@ -219,5 +219,8 @@ def load_serial_lora(
             with torch.no_grad():
                 target.down.weight.copy_(step.pair.down)
                 target.up.weight.copy_(step.pair.up)
+            # An adapter that already existed takes the file's scale too (alpha / rsLoRA may differ).
+            target.scale = adapter.scale
+            target.config = replace(target.config, alpha=adapter.alpha, use_rslora=adapter.use_rslora)
             target.requires_grad_(trainable)
     return adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 from torch import nn
@@ -52,6 +53,7 @@ def attach(module: nn.Module, host, streams: dict) -> SerialLoraAttention:
     if existing is not None:
         raise SerialLoraError(f"{type(module).__name__} already has an attribute {ATTRIBUTE!r} that is not Serial LoRA")
     wrapper = SerialLoraAttention(module, host, streams)
+    wrapper.train(module.training)
     module.add_module(ATTRIBUTE, wrapper)
     return wrapper
 
@@ -139,6 +141,8 @@ def set_serial_lora_scale(model: nn.Module, scale: float, adapter_name: str | No
     """Set the strength of an adapter (or of all): 0 gives the base model, 1 the trained adapter."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     _refuse_if_merged(model, "change the scale")
     for module in _modules_with(model, adapter_name):
         for name, adapters in module.items():
@@ -166,6 +170,8 @@ def merge_serial_lora(model: nn.Module, scale: float = 1.0) -> None:
     """
     modules = _modules_with(model, None)
     _refuse_if_merged(model, "merge again")
+    if not all(module.enabled for module in modules):
+        raise SerialLoraError("the adapters are disabled; call enable_serial_lora() before merging them")
     done = []
     try:
         for module in modules:
@@ -205,7 +211,10 @@ def remove_serial_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload_serial_lora(model: nn.Module, scale: float = 1.0) -> nn.Module:
-    """Merge, then drop the adapters: `model` becomes a plain model of its base architecture."""
+    """Merge, then drop the adapters: `model` becomes a plain model of its base architecture.
+
+    If the model is already merged, its merged weights are kept as they are (`scale` is not applied again).
+    """
     if not is_merged(model):
         merge_serial_lora(model, scale)
     for _, module in list(serial_lora_modules(model)):
