@@ -1,0 +1,121 @@
+"""Turn a freshly built timm model into a Serial LoRA model (what the `.serial_lora` entry points do)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+from torch import nn
+
+from serial_lora_core import (
+    ARCHITECTURE_ATTRIBUTE,
+    SerialLoraConfig,
+    SerialLoraError,
+    inject_serial_lora,
+    load_serial_lora,
+    read_file,
+)
+
+from .hosts import unsupported_attention
+
+PREFIX = "serial_lora_"
+
+
+@dataclass(frozen=True)
+class SerialLoraOptions:
+    """The `serial_lora_*` keyword arguments of `timm.create_model("<arch>.serial_lora", ...)`.
+
+    Args:
+        rank: rank r of each block's shared pair (default 8).
+        alpha: scale numerator (default: rank, i.e. scale 1).
+        dropout: dropout on the adapter's input while training (default 0).
+        rslora: scale alpha/sqrt(r) instead of alpha/r (default False).
+        weights: path of a trained Serial LoRA file to load; its rank, alpha, dropout and rslora
+            are used, and any of the four above given explicitly must agree with it.
+        target_modules: regular expression(s) on attention module names (e.g. r"blocks\\.(8|9|10|11)\\.")
+            selecting which blocks to adapt (default: all).
+    """
+
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    rslora: bool | None = None
+    weights: str | os.PathLike | None = None
+    target_modules: str | Sequence[str] | None = None
+
+    @classmethod
+    def pop_from(cls, kwargs: dict[str, Any]) -> "SerialLoraOptions":
+        """Remove the `serial_lora_*` entries from `kwargs` (the rest go to timm) and validate them."""
+        known = {PREFIX + f.name for f in fields(cls)}
+        unknown = sorted(k for k in kwargs if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            raise TypeError(f"unknown Serial LoRA argument(s) {unknown}; accepted: {sorted(known)}")
+        options = cls(**{f.name: kwargs.pop(PREFIX + f.name) for f in fields(cls) if PREFIX + f.name in kwargs})
+        if options.rslora is not None and not isinstance(options.rslora, bool):
+            raise TypeError(f"serial_lora_rslora must be True or False, got {options.rslora!r}")
+        if options.weights is not None and not isinstance(options.weights, (str, os.PathLike)):
+            raise TypeError(f"serial_lora_weights must be a path, got {type(options.weights).__name__}")
+        if options.weights is not None and options.target_modules is not None:
+            raise ValueError("serial_lora_target_modules cannot be combined with serial_lora_weights: the file "
+                             "decides which attention modules are adapted; drop serial_lora_target_modules")
+        return options
+
+    def config(self) -> SerialLoraConfig:
+        """The core config for a new adapter (validates rank, alpha, dropout)."""
+        return SerialLoraConfig(
+            rank=8 if self.rank is None else self.rank,
+            alpha=self.alpha,
+            dropout=0.0 if self.dropout is None else self.dropout,
+            use_rslora=bool(self.rslora),
+            target_modules=self.target_modules,
+        )
+
+    def check_against_file(self, path: str | os.PathLike) -> None:
+        """Refuse explicit hyper-parameters that contradict the adapter file's metadata."""
+        adapter = read_file(path)
+        stored = {
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "dropout": float(adapter.metadata.get("dropout", "0.0")),
+            "rslora": adapter.use_rslora,
+        }
+        for name, value in stored.items():
+            given = getattr(self, name)
+            if given is not None and not (given == value or (isinstance(value, float) and math.isclose(given, value))):
+                raise ValueError(f"{PREFIX}{name}={given!r} contradicts {path}, which was trained with "
+                                 f"{name}={value!r}; leave {PREFIX}{name} out when passing {PREFIX}weights")
+
+
+def make_serial_lora(model: nn.Module, architecture: str, options: SerialLoraOptions) -> nn.Module:
+    """Add Serial LoRA to a timm model built by `architecture`'s entry point; freeze everything else.
+
+    The classifier head stays trainable when `num_classes` differs from the pretrained config's
+    (it is new). With `options.weights` the trained adapter is loaded (trainable, for further training).
+    """
+    problems = unsupported_attention(model)
+    if problems:
+        raise SerialLoraError(f"Serial LoRA cannot adapt every block of {architecture!r}: "
+                              f"{'; '.join(problems[:3])}. Use another architecture.")
+    setattr(model, ARCHITECTURE_ATTRIBUTE, architecture)
+    if options.weights is None:
+        inject_serial_lora(model, options.config(), freeze=True)
+    else:
+        options.check_against_file(options.weights)
+        model.requires_grad_(False)
+        load_serial_lora(model, options.weights, architecture=architecture, trainable=True)
+    _unfreeze_new_classifier(model)
+    return model
+
+
+def _unfreeze_new_classifier(model: nn.Module) -> None:
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    classes = getattr(model, "num_classes", pretrained_classes)
+    if pretrained_classes is None or classes == pretrained_classes or not hasattr(model, "get_classifier"):
+        return
+    heads = model.get_classifier()
+    # DeiT distilled models return (head, head_dist).
+    for head in heads if isinstance(heads, (tuple, list)) else (heads,):
+        if isinstance(head, nn.Module):
+            head.requires_grad_(True)
