@@ -54,7 +54,8 @@ def synthetic_task(n: int, shift: bool, seed: int) -> tuple[torch.Tensor, torch.
     colour = torch.randint(0, 4, (n,), generator=g)
     images = torch.stack([patterns[p].float() for p in pattern])[:, None] * palette[colour][:, :, None, None]
     images = images + 0.3 * torch.randn(images.shape, generator=g)
-    labels = pattern if not shift else (pattern + colour) % 4
+    # Base task: 8 classes (pattern x warm/cold colour); shifted task: 4 classes by a new rule.
+    labels = pattern * 2 + colour % 2 if not shift else (pattern + colour) % 4
     return images, labels
 
 
@@ -79,7 +80,7 @@ def train(model: nn.Module, data, steps: int, optimizer: torch.optim.Optimizer, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -114,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", help="ImageFolder for the adaptation task (default: the embedded synthetic task)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200, help="adaptation steps")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="steps of the stand-in backbone's pretraining")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--loraplus-ratio", type=float, default=1.0,
+                        help="LoRA+: learning rate of B = ratio x that of A (the paper uses 20 with lr 2e-4)")
     parser.add_argument("--out", default="outputs/finetune_vit", help="folder for the adapter and the report")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -134,14 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
     base_path = out / "backbone.safetensors"
     if tiny:
         # Stand-in for pretrained weights: train the whole small ViT on the unshifted task.
-        backbone = timm.create_model(args.model, pretrained=False, num_classes=4, **sizes)
+        backbone = timm.create_model(args.model, pretrained=False, num_classes=8, **sizes)
         pretrain = synthetic_task(2048, shift=False, seed=args.seed)
-        train(backbone, pretrain, args.steps, torch.optim.AdamW(backbone.parameters(), lr=1e-3))
+        train(backbone, pretrain, args.pretrain_steps, torch.optim.AdamW(backbone.parameters(), lr=1e-3))
         print(f"backbone pretrained on the base task: accuracy {accuracy(backbone, pretrain):.3f}")
         from safetensors.torch import save_file
 
         save_file(backbone.state_dict(), str(base_path))
-        overlay = {"file": str(base_path), "num_classes": 4}
+        overlay = {"file": str(base_path), "num_classes": 8}
     else:
         backbone = timm.create_model(args.model, pretrained=args.pretrained, **sizes)
         overlay = None
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                               serial_lora_rank=args.rank, **sizes)
     print(f"frozen backbone + new head before training: accuracy {accuracy(model, task):.3f}")
     start = time.perf_counter()
-    loss = train(model, task, args.steps, torch.optim.AdamW(loraplus_param_groups(model, lr=args.lr, ratio=4.0)))
+    loss = train(model, task, args.steps, torch.optim.AdamW(loraplus_param_groups(model, lr=args.lr, ratio=args.loraplus_ratio)))
     serial = {
         "adapter_parameters": sum(p.numel() for n, p in model.named_parameters() if ".serial_lora." in n),
         "trainable_parameters": count_trainable_parameters(model),
