@@ -10,7 +10,7 @@ from .adapter import StreamAdapter
 from .attention import SerialLoraAttention
 from .config import SerialLoraConfig
 from .errors import SerialLoraError, SerialLoraFileError
-from .export import equivalent_lora, open_base_weights, save_standard_lora
+from .export import equivalent_lora, model_equivalent_lora, open_base_weights, save_standard_lora
 from .files import ARCHITECTURE_ATTRIBUTE, load_serial_lora, model_architecture, save_serial_lora, serial_lora_state_dict
 from .format import FORMAT_NAME, FORMAT_VERSION, AdapterFile, read_file
 from .hosts import FUSED_QKV, JOINT_QKV, SPLIT_QKV, AttentionHost, StreamSpec, register_host, registered_hosts
@@ -65,6 +65,7 @@ __all__ = [
     "load_serial_lora",
     "loraplus_param_groups",
     "merge_and_unload_serial_lora",
+    "model_equivalent_lora",
     "merge_serial_lora",
     "open_base_weights",
     "read_file",

@@ -16,8 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torch import nn
+
 from .errors import SerialLoraError, SerialLoraFileError
 from .format import AdapterFile
+from .inject import DEFAULT_ADAPTER, is_merged, serial_lora_modules
 
 WeightLookup = Callable[[str], torch.Tensor]
 
@@ -47,6 +50,29 @@ def equivalent_lora(
                                       f"expects in_features {pair.down.shape[1]}; pass the matching base model")
             up = (scale * adapter.scale) * (weight.float() @ pair.up.float())
             pairs[path] = (pair.down.float(), up)
+    return pairs
+
+
+def model_equivalent_lora(
+    model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, scale: float = 1.0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Like `equivalent_lora`, from an adapted model: projection path -> (A, scale·s·w·W B).
+
+    Uses the adapter's current strength `w`; the model must not be merged (W must be the base weight).
+    """
+    if is_merged(model):
+        raise SerialLoraError("the model is merged; call unmerge_serial_lora() first so W is the base weight")
+    pairs = {}
+    for attention, module in serial_lora_modules(model):
+        if adapter_name not in module:
+            continue
+        for stream, adapter in module[adapter_name].items():
+            for projection in module.stream_specs[stream].projections:
+                weight = module.projection(projection).weight.detach().float()
+                up = (scale * adapter.scale * adapter.weight) * (weight @ adapter.up.weight.detach().float().to(weight.device))
+                pairs[f"{attention}.{projection}" if attention else projection] = (adapter.down.weight.detach().float(), up)
+    if not pairs:
+        raise SerialLoraError(f"{type(model).__name__} has no Serial LoRA adapter named {adapter_name!r} to export")
     return pairs
 
 

@@ -1,0 +1,34 @@
+"""Serial LoRA for diffusers' Stable Diffusion 3 pipelines.
+
+    import diffusers_loader            # the import is the opt-in: it calls install()
+    pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
+    pipe.load_serial_lora_weights("user/repo", weight_name="serial_lora_weights.safetensors", adapter_name="style")
+    pipe.set_serial_lora_scale(0.8)                  # strength without fusing (0 = base model)
+    pipe.set_serial_lora_adapters(["style", "subject"], [1.0, 0.5])
+    pipe.fuse_serial_lora(); pipe.unfuse_serial_lora()   # unfuse restores the weights bit for bit
+    pipe.unload_serial_lora_weights()
+    export_to_lora(pipe, "lora.safetensors")         # exact standard LoRA for stock load_lora_weights
+
+Without a pipeline: `transformer.load_serial_lora_adapter(path)`, `transformer.save_serial_lora_adapter(dir)`,
+and the functions of `diffusers_loader.transformer` (e.g. `add_serial_lora(transformer, config)` to train).
+Your own pipeline class can inherit `SerialLoraLoaderMixin` instead.
+"""
+
+from .export import export_to_lora
+from .fetch import DEFAULT_WEIGHT_NAME, resolve_adapter_file
+from .install import install
+from .mixin import SerialLoraLoaderMixin, SerialLoraTransformerMixin
+from .transformer import add_serial_lora, architecture_name
+
+install()
+
+__all__ = [
+    "DEFAULT_WEIGHT_NAME",
+    "SerialLoraLoaderMixin",
+    "SerialLoraTransformerMixin",
+    "add_serial_lora",
+    "architecture_name",
+    "export_to_lora",
+    "install",
+    "resolve_adapter_file",
+]
