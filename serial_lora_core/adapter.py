@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,22 +51,25 @@ class StreamAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """base + s·weight·B·A·dropout(x), in base's dtype.
+        """base + s·weight·B·A·dropout(x).
 
-        The up-projection, the scale and the addition run as one `addmm`, so the d-wide output is
-        written once (no separate scale and add passes over it).
+        Under autocast the result stays in the autocast dtype: the projection that reads it would
+        cast its input to that dtype anyway, so no full-precision copy of the adapted input is
+        written and read back. Otherwise it runs in the adapter's dtype and returns base's dtype.
+        The up-projection, the scale and the addition run as one `addmm`.
         """
-        down = self.down.weight
-        autocast = torch.is_autocast_enabled(x.device.type)
-        h = self.dropout(x)
-        if h.dtype != down.dtype and not autocast:
-            h = h.to(down.dtype)
-        z = self.down(h)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return self._add_to(base, x, torch.get_autocast_dtype(device_type))
+        return self._add_to(base, x, self.down.weight.dtype).to(base.dtype)
+
+    def _add_to(self, base: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x_cast = x.to(dtype)
+        base = x_cast if base is x else base.to(dtype)  # the first adapter of a stream: cast once
+        z = F.linear(self.dropout(x_cast), self.down.weight.to(dtype))
         flat = base.reshape(-1, base.shape[-1])
-        if flat.dtype != z.dtype and not autocast:
-            flat = flat.to(z.dtype)
-        out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), self.up.weight.t(), alpha=self.scale * self.weight)
-        return out.view(*base.shape[:-1], out.shape[-1]).to(base.dtype)
+        out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), self.up.weight.to(dtype).t(), alpha=self.scale * self.weight)
+        return out.view(*base.shape[:-1], out.shape[-1])
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·weight·B·A·dropout(x) alone (for inspection; the forward path uses `add_to`)."""

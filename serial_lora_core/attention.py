@@ -134,10 +134,7 @@ class SerialLoraAttention(nn.ModuleDict):
         self._hooks[stream] = handles
         if len(spec.projections) > 1 and not self._cache_hooks:
             # The adapted input is shared by q, k and v only within one call of the attention.
-            self._cache_hooks = [
-                self.attention.register_forward_pre_hook(self._clear_cache),
-                self.attention.register_forward_hook(self._clear_cache),
-            ]
+            self._cache_hooks = [self.attention.register_forward_pre_hook(self._clear_cache)]
 
     def _clear_cache(self, *_: object) -> None:
         self._cache.clear()
@@ -158,15 +155,25 @@ class SerialLoraAttention(nn.ModuleDict):
         return out
 
     def _projection_hook(self, stream: str, _module: nn.Module, args: tuple) -> tuple | None:
-        if not args or not self._active(stream):
+        # Hot path (runs for every q/k/v call): keep the Python work small.
+        if not args:
             return None
         x = args[0]
         cached = self._cache.get(stream)
         if cached is not None and cached[0] is x:
+            cached[2] -= 1
+            if cached[2] == 0:  # the stream's last projection: free the adapted input now
+                del self._cache[stream]
             return (cached[1], *args[1:])
-        y = self.adapt(stream, x)
-        if len(self.stream_specs[stream].projections) > 1:
-            self._cache[stream] = (x, y)
+        adapters = self._active(stream)
+        if not adapters:
+            return None
+        y = x
+        for adapter in adapters:
+            y = adapter.add_to(y, x)
+        uses_left = len(self.stream_specs[stream].projections) - 1
+        if uses_left:
+            self._cache[stream] = [x, y, uses_left]
         return (y, *args[1:])
 
     def _argument_hook(self, stream: str, name: str, position: int, _module: nn.Module, args: tuple, kwargs: dict):

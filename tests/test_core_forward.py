@@ -222,14 +222,21 @@ def test_output_projection_gate_and_residual_see_the_original_x(host, shape):
         torch.testing.assert_close(calls[out_path][0], attend(q, k, v, 2).reshape(x.shape), rtol=1e-5, atol=1e-6)
 
 
-def _count_down_calls(model) -> dict:
-    counts = {}
+def _count_down_calls(model, monkeypatch) -> dict:
+    """Calls of each adapter's low-rank path (its `_add_to`), by (attention, adapter, stream)."""
+    counts, keys = {}, {}
     for attention, module in serial_lora_modules(model):
         for adapter_name, adapters in module.items():
             for stream, adapter in adapters.items():
-                key = (attention, adapter_name, stream)
-                counts[key] = 0
-                adapter.down.register_forward_hook(lambda *_, key=key: counts.__setitem__(key, counts[key] + 1))
+                keys[id(adapter)] = (attention, adapter_name, stream)
+                counts[keys[id(adapter)]] = 0
+    original = StreamAdapter._add_to
+
+    def counting(self, base, x, dtype):
+        counts[keys[id(self)]] += 1
+        return original(self, base, x, dtype)
+
+    monkeypatch.setattr(StreamAdapter, "_add_to", counting)
     return counts
 
 
@@ -239,7 +246,7 @@ def test_adapter_runs_once_per_stream_per_forward(case, monkeypatch):
     inject_serial_lora(model, SerialLoraConfig(rank=2), "first")
     inject_serial_lora(model, SerialLoraConfig(rank=3), "second")
     randomize_adapters(model)
-    counts = _count_down_calls(model)
+    counts = _count_down_calls(model, monkeypatch)
     add_to_calls = []
     original_add_to = StreamAdapter.add_to
     monkeypatch.setattr(StreamAdapter, "add_to", lambda self, base, x: add_to_calls.append(self) or original_add_to(self, base, x))
