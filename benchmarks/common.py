@@ -1,7 +1,13 @@
-"""Shared helpers for the GPU benchmarks: timing (CUDA events, median after warm-up), peak memory, reports."""
+"""Shared helpers for the GPU benchmarks: timing (CUDA events, median after warm-up), peak memory, reports.
+
+`compare` is the one used for every side-by-side number: it builds all variants first, then times them
+interleaved (one step of each per round, rotating the order), so clock and thermal drift hit every
+variant alike, and measures each variant's peak memory as if it were alone on the device.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -14,62 +20,171 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+GIB = 2**30
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def environment() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
-    if torch.cuda.is_available():
+    if cuda():
         info["device"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     else:
         info["device"] = "cpu (smoke run)"
+    for name in ("timm", "diffusers", "peft"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
     return info
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
+def sync() -> None:
+    if cuda():
         torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if cuda() else 0
+
+
+def free() -> None:
+    gc.collect()
+    if cuda():
+        torch.cuda.empty_cache()
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(device milliseconds, host milliseconds spent issuing the work) of one call."""
+    if cuda():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        host = (time.perf_counter() - t0) * 1e3
+        end.synchronize()
+        return start.elapsed_time(end), host
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, ms
+
+
+def _peak_during(fn: Callable[[], object]) -> int:
+    """Bytes allocated at the peak of one call, above what was allocated when it started."""
+    if not cuda():
+        fn()
+        return 0
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def summary(times: list[float], hosts: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "host_issue_ms": statistics.median(hosts), "iters": len(times)}
+
+
+def compare(builders: dict[str, Callable[[], Callable[[], object]]], iters: int = 20, warmup: int = 3) -> dict:
+    """Build every variant, then time them interleaved; medians, ratios to the first variant, peak memory.
+
+    A builder returns the step function. Peak memory per variant is what that variant alone would show
+    in `torch.cuda.max_memory_allocated()`: its resident bytes (model, inputs, optimizer state, measured
+    as the allocation growth over its build and first step) plus the transient peak of one step.
+    """
+    steps, resident = {}, {}
+    for name, build in builders.items():
+        before = allocated()
+        steps[name] = build()
+        steps[name]()  # first step: creates optimizer state (and compiles, when compiled)
+        sync()
+        resident[name] = allocated() - before
+    for _ in range(max(warmup - 1, 0)):
+        for step in steps.values():
+            step()
+    sync()
+    transient = {name: _peak_during(step) for name, step in steps.items()}
+    names = list(steps)
+    times = {name: [] for name in names}
+    hosts = {name: [] for name in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            ms, host = _timed(steps[name])
+            times[name].append(ms)
+            hosts[name].append(host)
+    results = {}
+    for name in names:
+        results[name] = summary(times[name], hosts[name])
+        results[name]["peak_gib"] = (resident[name] + transient[name]) / GIB if cuda() else float("nan")
+        results[name]["resident_gib"] = resident[name] / GIB if cuda() else float("nan")
+    return results
 
 
 def measure(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> dict:
     """Median / min / max milliseconds of `fn` over `iters` runs after `warmup`, and the peak memory."""
     for _ in range(warmup):
         fn()
-    _sync()
-    if torch.cuda.is_available():
+    sync()
+    if cuda():
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, hosts = [], []
     for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters,
-            "peak_gib": peak}
+        ms, host = _timed(fn)
+        times.append(ms)
+        hosts.append(host)
+    result = summary(times, hosts)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB if cuda() else float("nan")
+    return result
 
 
-def free() -> None:
-    import gc
+def ratios(results: dict, reference: str, others: list[str]) -> dict:
+    """Median time of each of `others` over `reference`'s."""
+    base = results[reference]["median_ms"]
+    return {f"{name}_over_{reference}": results[name]["median_ms"] / base for name in others}
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+def training_ratios(results: dict, floor: str = "floor") -> dict:
+    """The issue's three training targets: Serial/floor, Serial's overhead over PEFT's, peak memory."""
+    f = results[floor]["median_ms"]
+    serial, peft = results["serial"], results["peft"]
+    out = {
+        "serial_over_floor": serial["median_ms"] / f,
+        "peft_over_floor": peft["median_ms"] / f,
+        "serial_overhead_over_peft_overhead": (serial["median_ms"] - f) / max(peft["median_ms"] - f, 1e-9),
+    }
+    if cuda():
+        out["serial_peak_over_peft_peak"] = serial["peak_gib"] / peft["peak_gib"]
+    return out
 
 
 def write(results: dict, name: str, out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2), flush=True)
     return path
+
+
+def section(title: str) -> float:
+    print(f"== {title}", flush=True)
+    return time.perf_counter()
+
+
+def done(title: str, t0: float, results: dict | None = None) -> None:
+    line = f"   {title}: {time.perf_counter() - t0:.1f}s"
+    if results:
+        medians = {k: round(v["median_ms"], 2) for k, v in results.items() if isinstance(v, dict) and "median_ms" in v}
+        line += f" medians {medians}"
+        extra = results.get("ratios")
+        if extra:
+            line += f" ratios { {k: round(v, 3) for k, v in extra.items()} }"
+    print(line, flush=True)

@@ -1,7 +1,7 @@
-"""Where the adapter's time goes: torch.profiler tables of the ViT training step and the SD3
-denoising step, base/floor vs Serial LoRA (top CUDA/CPU ops by self time).
+"""Where the adapter's time goes: torch.profiler tables (top ops by self device time) of the ViT training
+step and inference, and the SD3 denoising step, each without and with Serial LoRA.
 
-    python benchmarks/profile_adapter.py --out benchmarks/results [--smoke]
+    python benchmarks/profile_adapter.py --out OUT [--smoke]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import device, free
+from common import cuda, free, sync
 from torch.profiler import ProfilerActivity, profile
 
 import sd3
@@ -20,14 +20,14 @@ import vit
 def table(fn, steps: int = 3) -> str:
     for _ in range(2):
         fn()
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+        sync()
+    key = "self_cuda_time_total" if cuda() else "self_cpu_time_total"
+    return f"({steps} steps)\n" + prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70)
 
 
 def main() -> None:
@@ -38,22 +38,14 @@ def main() -> None:
     lines = []
     batch, img, rank = (4, 32, 4) if args.smoke else (256, 224, 32)
     for mode in ("floor", "serial"):
-        model = vit.build(mode, rank, img, args.smoke)
-        lines += [f"## ViT train step, {mode}", table(vit.train_step(model, mode, batch, img))]
-        del model
+        lines += [f"## ViT train step, {mode}", table(vit.trainer(mode, rank, batch, img, args.smoke)())]
+        free()
+    for mode in ("base", "serial_unfused"):
+        lines += [f"## ViT inference, {mode}", table(vit.inferer(mode, rank, batch, img, args.smoke)())]
         free()
     b, lat, text, r = (2, 16, 8, 4) if args.smoke else (2, 128, 154, 64)
-    for mode in ("base", "serial"):
-        model = sd3.build(mode, r, args.smoke).eval()
-        x = sd3.inputs(model, b, lat, text)
-
-        @torch.no_grad()
-        def forward(model=model, x=x):
-            with torch.autocast(device().type, dtype=torch.bfloat16):
-                model(**x)
-
-        lines += [f"## SD3 denoising step, {mode}", table(forward)]
-        del model
+    for mode in ("base", "serial_unfused"):
+        lines += [f"## SD3 denoising step, {mode}", table(sd3.inferer(mode, r, b, lat, text, args.smoke)())]
         free()
     path = Path(args.out) / "profile.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,31 @@
-"""SD3-medium-sized transformer (24 joint blocks, 1536 wide): training step, one denoising step, loading.
+"""SD3-medium-sized transformer (24 joint blocks, 1536 wide, random weights): training step, one
+denoising step, loading + fusing, scaling.
 
-bf16 base weights with fp32 adapters under bf16 autocast (diffusers' LoRA training recipe). Serial
-LoRA on the image stream (to_q/to_k/to_v input) vs PEFT LoRA on to_q, to_k, to_v, to_out.0 (the
-image-stream projections a diffusers user targets) vs the floor (frozen, backward to the input only).
+bf16 base weights with fp32 adapters under bf16 autocast (diffusers' LoRA training recipe). Variants:
+- floor: frozen transformer, backward to its latent input only (no trainables, no optimizer);
+- floor_blocks: stricter floor, backward to the first joint block's image tokens only (skips the
+  patch-embedding convolution's input gradient);
+- serial: Serial LoRA on the image stream (one pair before to_q/to_k/to_v of each block);
+- peft: PEFT LoRA on to_q, to_k, to_v, to_out.0 (the image-stream projections; the text stream's
+  add_q/k/v_proj and to_add_out are not targeted, like the serial variant), same rank, lora_alpha = rank.
 
-    python benchmarks/sd3.py --out benchmarks/results [--smoke] [--sections train,infer,load,rank,tokens]
+    python benchmarks/sd3.py --out OUT [--smoke] [--sections train,infer,load,rank,tokens]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
-import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import device, environment, free, measure, write
-from diffusers import SD3Transformer2DModel
+from common import compare, device, done, environment, free, ratios, section, sync, training_ratios, write
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
@@ -31,6 +39,7 @@ SMOKE = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_at
              caption_projection_dim=16, pooled_projection_dim=32, in_channels=4, out_channels=4,
              patch_size=2, pos_embed_max_size=32, sample_size=16)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+diffusers_logging.set_verbosity_error()  # the per-call "no LoRA keys for the text encoders" notes
 
 
 def build(mode: str, rank: int, smoke: bool) -> SD3Transformer2DModel:
@@ -44,7 +53,10 @@ def build(mode: str, rank: int, smoke: bool) -> SD3Transformer2DModel:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), model)
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.data = p.data.float()  # fp32 adapters, as diffusers/peft training scripts keep them
+                p.data = p.data.float()  # fp32 adapters, as diffusers' training scripts keep them
+    elif mode == "floor_blocks":
+        # Gradient from the first joint block's image tokens on.
+        model.pos_embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
     return model
 
 
@@ -53,96 +65,168 @@ def inputs(model, batch: int, latent: int, text_tokens: int, grad: bool = False)
     return dict(
         hidden_states=torch.randn(batch, cfg.in_channels, latent, latent, device=dev, dtype=torch.bfloat16,
                                   requires_grad=grad),
-        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=dev, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=dev,
+                                          dtype=torch.bfloat16),
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, device=dev, dtype=torch.bfloat16),
         timestep=torch.full((batch,), 500.0, device=dev),
     )
 
 
-def train_step(model, mode: str, batch: int, latent: int, text_tokens: int):
-    x = inputs(model, batch, latent, text_tokens, grad=(mode == "floor"))
-    target = torch.randn_like(x["hidden_states"], dtype=torch.float32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+def trainer(mode: str, rank: int, batch: int, latent: int, text_tokens: int, smoke: bool, info: dict | None = None):
+    def make():
+        model = build(mode, rank, smoke)
+        if info is not None:
+            info[mode] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        x = inputs(model, batch, latent, text_tokens, grad=(mode == "floor"))
+        target = torch.randn_like(x["hidden_states"], dtype=torch.float32)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
-    def step():
-        with torch.autocast(device().type, dtype=torch.bfloat16):
-            out = model(**x).sample
-        F.mse_loss(out.float(), target).backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
+        def step():
+            with torch.autocast(device().type, dtype=torch.bfloat16):
+                out = model(**x).sample
+            F.mse_loss(out.float(), target).backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             x["hidden_states"].grad = None
 
-    return step
+        return step
+
+    return make
 
 
-def adapters(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "serial_lora" in n or "lora_" in n)
+def inferer(mode: str, rank: int, batch: int, latent: int, text_tokens: int, smoke: bool):
+    def make():
+        kind = "serial" if mode.startswith("serial") else "peft" if mode == "peft_unmerged" else "base"
+        model = build(kind, rank, smoke).eval()
+        for p in serial_lora_parameters(model) if kind == "serial" else ():
+            torch.nn.init.normal_(p, std=0.01)  # a trained-looking adapter (B != 0)
+        if mode == "serial_fused":
+            merge_serial_lora(model)
+        x = inputs(model, batch, latent, text_tokens)
+
+        @torch.no_grad()
+        def forward():
+            with torch.autocast(device().type, dtype=torch.bfloat16):
+                model(**x)
+
+        return forward
+
+    return make
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def tiny_components() -> dict | None:
+    """Text encoders, tokenizers, VAE and scheduler of the tests' tiny offline SD3 pipeline."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        from sd3_tiny import tiny_sd3_pipeline
+
+        components = dict(tiny_sd3_pipeline().components)
+    except Exception as error:  # a transformers/tokenizers version that cannot build it: model level
+        print(f"   tiny pipeline unavailable ({type(error).__name__}: {error}); loading at model level", flush=True)
+        return None
+    components.pop("transformer")
+    return components
 
 
 def loading(rank: int, smoke: bool, repeats: int) -> dict:
-    """load + fuse of equal-rank files: ours vs diffusers' load_lora_adapter + fuse_lora."""
+    """Load + fuse of equal-rank files into the same transformer, ours vs diffusers' stock LoRA path."""
     model = build("base", rank, smoke)
     folder = Path(tempfile.mkdtemp())
-    # A trained-looking Serial LoRA file (non-zero B) on the image stream.
+    # A trained-looking Serial LoRA file (B != 0) on the image stream, bf16 like the base weights.
     diffusers_loader.add_serial_lora(model, SerialLoraConfig(rank=rank, streams=("image",)))
     for p in serial_lora_parameters(model):
         torch.nn.init.normal_(p, std=0.01)
     serial_path = model.save_serial_lora_adapter(folder)
     remove_serial_lora(model)
-    # The equal-rank standard LoRA on to_q, to_k, to_v, to_out.0 in diffusers' key layout.
+    # The equal-rank standard LoRA on to_q, to_k, to_v, to_out.0 in diffusers/PEFT's key layout, bf16.
     lora = {}
     for name, module in model.named_modules():
         if any(name.endswith("attn." + t) for t in LORA_TARGETS) and isinstance(module, torch.nn.Linear):
             lora[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features) * 0.01
             lora[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank) * 0.01
-    lora_path = folder / "lora.safetensors"
+    lora_path = folder / "pytorch_lora_weights.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in lora.items()}, str(lora_path))
 
-    def ours():
+    components = tiny_components()
+    if components is not None:
+        pipe = StableDiffusion3Pipeline(transformer=model, **components)
+        pipe.to(device())
+        level = ("pipeline: pipe.load_serial_lora_weights + pipe.fuse_serial_lora vs "
+                 "pipe.load_lora_weights + pipe.fuse_lora")
+
+        def ours_load():
+            pipe.load_serial_lora_weights(str(serial_path))
+            pipe.fuse_serial_lora()
+
+        def ours_undo():
+            pipe.unfuse_serial_lora()
+            pipe.unload_serial_lora_weights()
+
+        def theirs_load(i):
+            pipe.load_lora_weights(str(lora_path), adapter_name=f"a{i}")
+            pipe.fuse_lora()
+
+        def theirs_undo():
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+    else:
+        level = ("model: transformer.load_serial_lora_adapter + merge_serial_lora vs "
+                 "transformer.load_lora_adapter + fuse_lora")
+
+        def ours_load():
+            model.load_serial_lora_adapter(serial_path)
+            merge_serial_lora(model)
+
+        def ours_undo():
+            remove_serial_lora(model)
+
+        def theirs_load(i):
+            model.load_lora_adapter(str(lora_path), adapter_name=f"a{i}", prefix="transformer")
+            model.fuse_lora()
+
+        def theirs_undo():
+            model.unfuse_lora()
+            model.unload_lora()
+
+    def timed(load, undo) -> float:
         sync()
         t0 = time.perf_counter()
-        model.load_serial_lora_adapter(serial_path)
-        merge_serial_lora(model)
+        load()
         sync()
         elapsed = time.perf_counter() - t0
-        remove_serial_lora(model)
+        undo()
+        sync()
         return elapsed
 
-    def theirs(i):
-        sync()
-        t0 = time.perf_counter()
-        model.load_lora_adapter(str(lora_path), adapter_name=f"a{i}", prefix="transformer")
-        model.fuse_lora()
-        sync()
-        elapsed = time.perf_counter() - t0
-        model.unfuse_lora()
-        model.unload_lora()
-        return elapsed
-
-    import statistics
-
-    ours(), theirs(-1)  # warm-up (file cache, kernels)
-    serial_s = [ours() for _ in range(repeats)]
-    lora_s = [theirs(i) for i in range(repeats)]
+    # Warm-up (file cache, kernels), checking that each path really changes the weights and undoes it.
+    probe = model.transformer_blocks[0].attn.to_q.weight
+    original = probe.detach().clone()
+    checks = {}
+    for name, load, undo in (("serial", ours_load, ours_undo), ("diffusers", lambda: theirs_load(-1), theirs_undo)):
+        load()
+        checks[f"{name}_fuse_changed_to_q"] = not torch.equal(probe, original)
+        undo()
+        checks[f"{name}_undo_restored_to_q"] = bool(torch.allclose(probe.float(), original.float(), atol=1e-2))
+    serial_s, lora_s = [], []
+    for i in range(repeats):  # interleaved, like the other comparisons
+        serial_s.append(timed(ours_load, ours_undo))
+        lora_s.append(timed(lambda: theirs_load(i), theirs_undo))
     result = {
-        "serial_load_fuse_s": statistics.median(serial_s),
-        "diffusers_lora_load_fuse_s": statistics.median(lora_s),
+        "level": level,
+        "serial_load_fuse_ms": 1e3 * statistics.median(serial_s),
+        "diffusers_lora_load_fuse_ms": 1e3 * statistics.median(lora_s),
+        "serial_min_max_ms": [1e3 * min(serial_s), 1e3 * max(serial_s)],
+        "diffusers_min_max_ms": [1e3 * min(lora_s), 1e3 * max(lora_s)],
         "repeats": repeats,
+        "checks": checks,
         "serial_file_bytes": serial_path.stat().st_size,
         "lora_file_bytes": lora_path.stat().st_size,
+        "files": "both bf16 safetensors, rank %d; LoRA on %s of every block" % (rank, ", ".join(LORA_TARGETS)),
     }
-    result["speedup"] = result["diffusers_lora_load_fuse_s"] / result["serial_load_fuse_s"]
+    result["speedup"] = result["diffusers_lora_load_fuse_ms"] / result["serial_load_fuse_ms"]
     result["file_ratio"] = result["lora_file_bytes"] / result["serial_file_bytes"]
-    del model
-    free()
     return result
 
 
@@ -151,72 +235,74 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sections", default="train,infer,load,rank,tokens")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--name", default="sd3", help="results file name (without .json)")
     args = parser.parse_args()
-    sections = args.sections.split(",")
-    iters, warmup = (2, 1) if args.smoke else (20, 3)
-    batch, latent, text, rank = (2, 16, 8, 4) if args.smoke else (2, 128, 154, 64)
-    results = {"env": environment(), "config": "smoke" if args.smoke else "sd3-medium-sized", "batch": batch,
-               "latent": latent, "text_tokens": text, "rank": rank}
-
-    def run(mode, r=rank, lat=latent):
-        model = build(mode, r, args.smoke)
-        m = measure(train_step(model, mode, batch, lat, text), iters, warmup)
-        m["adapter_params"] = adapters(model)
-        del model
-        free()
-        return m
+    smoke, sections = args.smoke, args.sections.split(",")
+    iters, warmup = (2, 1) if smoke else (args.iters, 3)
+    batch, latent, text, rank = (2, 16, 8, 4) if smoke else (2, 128, 154, 64)
+    results = {"env": environment(), "config": "smoke" if smoke else "sd3-medium-sized", "transformer": MEDIUM,
+               "batch": batch, "latent": latent, "pixels": latent * 8, "text_tokens": text, "rank": rank,
+               "peft_target_modules": LORA_TARGETS, "iters": iters, "warmup": warmup}
 
     if "train" in sections:
-        train = {mode: run(mode) for mode in ("floor", "serial", "peft")}
-        floor = train["floor"]["median_ms"]
-        train["ratios"] = {
-            "serial_over_floor": train["serial"]["median_ms"] / floor,
-            "peft_over_floor": train["peft"]["median_ms"] / floor,
-            "serial_overhead_over_peft_overhead": (train["serial"]["median_ms"] - floor)
-            / max(train["peft"]["median_ms"] - floor, 1e-9),
-            "serial_peak_over_peft_peak": train["serial"]["peak_gib"] / train["peft"]["peak_gib"],
-        }
+        t0 = section("sd3 train")
+        info = {}
+        train = compare({m: trainer(m, rank, batch, latent, text, smoke, info)
+                         for m in ("floor", "floor_blocks", "serial", "peft")}, iters, warmup)
+        train["trainable_parameters"] = info
+        train["ratios"] = training_ratios(train)
+        train["ratios_vs_floor_blocks"] = training_ratios(train, "floor_blocks")
         results["train"] = train
-        write(results, "sd3", args.out)
+        write(results, args.name, args.out)
+        done("sd3 train", t0, train)
+        free()
 
     if "infer" in sections:
-        infer = {}
-        for mode in ("base", "serial_unfused", "serial_fused", "peft_unmerged"):
-            model = build({"serial_unfused": "serial", "serial_fused": "serial", "peft_unmerged": "peft"}.get(mode, "base"),
-                          rank, args.smoke).eval()
-            for p in serial_lora_parameters(model) if mode.startswith("serial") else ():
-                torch.nn.init.normal_(p, std=0.01)
-            if mode == "serial_fused":
-                merge_serial_lora(model)
-            x = inputs(model, batch, latent, text)
-
-            @torch.no_grad()
-            def forward(model=model, x=x):
-                with torch.autocast(device().type, dtype=torch.bfloat16):
-                    model(**x)
-
-            infer[mode] = measure(forward, iters, warmup)
-            del model
-            free()
-        base = infer["base"]["median_ms"]
-        infer["ratios"] = {k: infer[k]["median_ms"] / base for k in ("serial_unfused", "serial_fused", "peft_unmerged")}
+        t0 = section("sd3 infer")
+        modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+        infer = compare({m: inferer(m, rank, batch, latent, text, smoke) for m in modes},
+                        iters if smoke else max(iters, 40), warmup)
+        infer["ratios"] = ratios(infer, "base", list(modes[1:]))
         results["infer"] = infer
-        write(results, "sd3", args.out)
+        write(results, args.name, args.out)
+        done("sd3 infer", t0, infer)
+        free()
 
     if "load" in sections:
-        results["load"] = loading(rank, args.smoke, 3 if args.smoke else 10)
-        write(results, "sd3", args.out)
+        t0 = section("sd3 load")
+        results["load"] = loading(rank, smoke, 3 if smoke else 10)
+        write(results, args.name, args.out)
+        done("sd3 load", t0)
+        print(f"   {results['load']}", flush=True)
+        free()
 
     if "rank" in sections:
-        ranks = (2, 4) if args.smoke else (8, 16, 32, 64, 128)
-        results["rank_sweep"] = {mode: {str(r): run(mode, r=r) for r in ranks} for mode in ("serial", "peft")}
-        write(results, "sd3", args.out)
+        t0 = section("sd3 rank sweep")
+        ranks = (2, 4) if smoke else (8, 16, 32, 64, 128)
+        sweep = {}
+        for r in ranks:
+            sweep[str(r)] = compare({m: trainer(m, r, batch, latent, text, smoke) for m in ("serial", "peft")},
+                                    iters, warmup)
+            free()
+        results["rank_sweep"] = sweep
+        write(results, args.name, args.out)
+        done("sd3 rank sweep", t0)
 
     if "tokens" in sections:
-        lats = (8, 16) if args.smoke else (64, 128)  # 512 px and 1024 px
-        results["token_sweep"] = {mode: {str(lat * 8): run(mode, lat=lat) for lat in lats}
-                                  for mode in ("floor", "serial", "peft")}
-        write(results, "sd3", args.out)
+        t0 = section("sd3 token sweep")
+        lats = (8, 16) if smoke else (64, 96, 128)  # 512, 768, 1024 px
+        sweep = {"batch": batch, "rank": rank}
+        for lat in lats:
+            point = compare({m: trainer(m, rank, batch, lat, text, smoke) for m in ("floor", "serial", "peft")},
+                            iters, warmup)
+            point["image_tokens"] = (lat // 2) ** 2
+            point["ratios"] = training_ratios(point)
+            sweep[str(lat * 8)] = point
+            free()
+        results["token_sweep"] = sweep
+        write(results, args.name, args.out)
+        done("sd3 token sweep", t0)
 
 
 if __name__ == "__main__":

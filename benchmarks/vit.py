@@ -1,9 +1,14 @@
-"""timm ViT (vit_base_patch16_clip_224): training step, inference, compile and scaling.
+"""timm ViT (vit_base_patch16_clip_224, random weights): training step, inference, torch.compile, scaling.
 
-Serial LoRA vs PEFT LoRA (fused `qkv` + `proj`, what a PEFT user targets on timm) vs the floor any
-in-block adapter pays (frozen model, backward to its input only), bf16 autocast, AdamW on trainables.
+Variants (all fp32 weights, bf16 autocast, AdamW on the trainable parameters):
+- floor: frozen model, backward to its input image only (the input requires grad; no trainables, no optimizer);
+- floor_blocks: stricter floor, backward to the first block's input only (skips the patch-embedding
+  convolution's input gradient, which no in-block adapter needs);
+- serial: Serial LoRA through the core (`inject_serial_lora`, stream "input" of every block's fused `qkv`);
+- peft: PEFT LoRA (`inject_adapter_in_model`) on every block's `attn.qkv` and `attn.proj`, same rank,
+  lora_alpha = rank, no dropout.
 
-    python benchmarks/vit.py --out benchmarks/results [--smoke] [--sections train,infer,compile,rank,tokens]
+    python benchmarks/vit.py --out OUT [--smoke] [--sections train,infer,compile,rank,tokens]
 """
 
 from __future__ import annotations
@@ -13,27 +18,32 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from common import device, environment, free, measure, write
+from common import compare, device, done, environment, free, ratios, section, training_ratios, write
 from peft import LoraConfig, inject_adapter_in_model
 
-import timm_plugin  # noqa: F401
-from serial_lora_core import merge_serial_lora
+from serial_lora_core import SerialLoraConfig, inject_serial_lora, merge_serial_lora, serial_lora_parameters
 
 ARCH = "vit_base_patch16_clip_224"
 SMOKE = dict(depth=2, embed_dim=64, num_heads=2)
+PEFT_TARGETS = r".*attn\.(qkv|proj)$"
 
 
-def build(mode: str, rank: int, img: int, smoke: bool):
-    dev = device()
-    sizes = dict(img_size=img, **(SMOKE if smoke else {}))
+def build(mode: str, rank: int, img: int, smoke: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=img, **(SMOKE if smoke else {}))
+    model.requires_grad_(False)
     if mode == "serial":
-        model = timm.create_model(f"{ARCH}.serial_lora", pretrained=False, serial_lora_rank=rank, **sizes)
-    else:
-        model = timm.create_model(ARCH, pretrained=False, **sizes)
-        model.requires_grad_(False)
-        if mode == "peft":
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=r".*attn\.(qkv|proj)$"), model)
-    return model.to(dev)
+        inject_serial_lora(model, SerialLoraConfig(rank=rank))
+    elif mode == "peft":
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=PEFT_TARGETS), model)
+    elif mode == "floor_blocks":
+        # Gradient from the first block's input on: the patch embedding's output becomes the leaf.
+        model.patch_embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    return model.to(device())
+
+
+def adapter_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def train_step(model, mode: str, batch: int, img: int, compile_: bool = False):
@@ -51,18 +61,39 @@ def train_step(model, mode: str, batch: int, img: int, compile_: bool = False):
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        else:
-            x.grad = None
+        x.grad = None
 
     return step
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainer(mode: str, rank: int, batch: int, img: int, smoke: bool, compile_: bool = False, info: dict | None = None):
+    def make():
+        model = build(mode, rank, img, smoke)
+        if info is not None:
+            info[mode] = adapter_parameters(model)
+        return train_step(model, mode, batch, img, compile_)
+
+    return make
 
 
-def adapters(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "serial_lora" in n or "lora_" in n)
+def inferer(mode: str, rank: int, batch: int, img: int, smoke: bool):
+    def make():
+        model = build("serial" if mode.startswith("serial") else "peft" if mode == "peft_unmerged" else "base",
+                      rank, img, smoke).eval()
+        for p in serial_lora_parameters(model) if mode.startswith("serial") else ():
+            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter (B != 0)
+        if mode == "serial_fused":
+            merge_serial_lora(model)
+        x = torch.randn(batch, 3, img, img, device=device())
+
+        @torch.no_grad()
+        def forward():
+            with torch.autocast(device().type, dtype=torch.bfloat16):
+                model(x)
+
+        return forward
+
+    return make
 
 
 def main() -> None:
@@ -70,74 +101,78 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, few iterations (CPU check)")
     parser.add_argument("--sections", default="train,infer,compile,rank,tokens")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--name", default="vit", help="results file name (without .json)")
     args = parser.parse_args()
-    sections = args.sections.split(",")
-    iters, warmup = (2, 1) if args.smoke else (20, 3)
-    batch, img, rank = (4, 32, 4) if args.smoke else (256, 224, 32)
-    results = {"env": environment(), "arch": ARCH, "batch": batch, "img": img, "rank": rank}
-
-    def run(mode, r=rank, b=batch, size=img, compile_=False):
-        model = build(mode, r, size, args.smoke)
-        m = measure(train_step(model, mode, b, size, compile_), iters, warmup)
-        m["adapter_params"] = adapters(model)
-        del model
-        free()
-        return m
+    smoke, sections = args.smoke, args.sections.split(",")
+    iters, warmup = (2, 1) if smoke else (args.iters, 3)
+    batch, img, rank = (4, 32, 4) if smoke else (256, 224, 32)
+    results = {"env": environment(), "arch": ARCH, "batch": batch, "img": img, "rank": rank,
+               "peft_target_modules": PEFT_TARGETS, "iters": iters, "warmup": warmup}
 
     if "train" in sections:
-        train = {mode: run(mode) for mode in ("floor", "serial", "peft")}
-        floor = train["floor"]["median_ms"]
-        train["ratios"] = {
-            "serial_over_floor": train["serial"]["median_ms"] / floor,
-            "peft_over_floor": train["peft"]["median_ms"] / floor,
-            "serial_overhead_over_peft_overhead": (train["serial"]["median_ms"] - floor)
-            / max(train["peft"]["median_ms"] - floor, 1e-9),
-            "serial_peak_over_peft_peak": train["serial"]["peak_gib"] / train["peft"]["peak_gib"],
-        }
+        t0 = section("vit train")
+        info = {}
+        train = compare({m: trainer(m, rank, batch, img, smoke, info=info)
+                         for m in ("floor", "floor_blocks", "serial", "peft")}, iters, warmup)
+        train["trainable_parameters"] = info
+        train["ratios"] = training_ratios(train)
+        train["ratios_vs_floor_blocks"] = training_ratios(train, "floor_blocks")
         results["train"] = train
-        write(results, "vit", args.out)
+        write(results, args.name, args.out)
+        done("vit train", t0, train)
+        free()
 
     if "infer" in sections:
-        dev = device()
-        x = torch.randn(batch, 3, img, img, device=dev)
-        infer = {}
-        for mode in ("base", "serial_unfused", "serial_fused", "peft_unmerged"):
-            model = build({"base": "floor", "peft_unmerged": "peft"}.get(mode, "serial"), rank, img, args.smoke).eval()
-            if mode == "serial_fused":
-                merge_serial_lora(model)
-
-            @torch.no_grad()
-            def forward(model=model):
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    model(x)
-
-            infer[mode] = measure(forward, iters, warmup)
-            del model
-            free()
-        base = infer["base"]["median_ms"]
-        infer["ratios"] = {k: infer[k]["median_ms"] / base for k in ("serial_unfused", "serial_fused", "peft_unmerged")}
+        t0 = section("vit infer")
+        modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+        infer = compare({m: inferer(m, rank, batch, img, smoke) for m in modes}, max(iters, 50) if not smoke else iters,
+                        warmup)
+        infer["ratios"] = ratios(infer, "base", list(modes[1:]))
         results["infer"] = infer
-        write(results, "vit", args.out)
+        write(results, args.name, args.out)
+        done("vit infer", t0, infer)
+        free()
 
     if "compile" in sections:
-        comp = {f"{mode}_compiled": run(mode, compile_=True) for mode in ("floor", "serial", "peft")}
-        floor = comp["floor_compiled"]["median_ms"]
-        comp["ratios"] = {"serial_over_floor": comp["serial_compiled"]["median_ms"] / floor,
-                          "peft_over_floor": comp["peft_compiled"]["median_ms"] / floor}
+        t0 = section("vit compile")
+        torch._dynamo.reset()
+        comp = compare({f"{m}_compiled": trainer(m, rank, batch, img, smoke, compile_=True)
+                        for m in ("floor", "serial", "peft")}, iters, warmup + 1)
+        comp["ratios"] = ratios(comp, "floor_compiled", ["serial_compiled", "peft_compiled"])
+        if "train" in results:
+            comp["compiled_over_eager"] = {m: comp[f"{m}_compiled"]["median_ms"] / results["train"][m]["median_ms"]
+                                           for m in ("floor", "serial", "peft")}
         results["compile"] = comp
-        write(results, "vit", args.out)
+        write(results, args.name, args.out)
+        done("vit compile", t0, comp)
+        free()
 
     if "rank" in sections:
-        ranks = (2, 4) if args.smoke else (8, 16, 32, 64, 128)
-        results["rank_sweep"] = {mode: {str(r): run(mode, r=r) for r in ranks} for mode in ("serial", "peft")}
-        write(results, "vit", args.out)
+        t0 = section("vit rank sweep")
+        ranks = (2, 4) if smoke else (8, 16, 32, 64, 128)
+        sweep = {}
+        for r in ranks:
+            sweep[str(r)] = compare({m: trainer(m, r, batch, img, smoke) for m in ("serial", "peft")}, iters, warmup)
+            free()
+        results["rank_sweep"] = sweep
+        write(results, args.name, args.out)
+        done("vit rank sweep", t0)
 
     if "tokens" in sections:
-        sizes = (32, 48) if args.smoke else (224, 336, 448)
-        b = batch if args.smoke else 64
-        results["token_sweep"] = {"batch": b, **{mode: {str(s): run(mode, b=b, size=s) for s in sizes}
-                                                 for mode in ("floor", "serial", "peft")}}
-        write(results, "vit", args.out)
+        t0 = section("vit token sweep")
+        sizes = (32, 48) if smoke else (224, 336, 448)
+        b = batch if smoke else 64
+        sweep = {"batch": b, "rank": rank}
+        for s in sizes:
+            point = compare({m: trainer(m, rank, b, s, smoke) for m in ("floor", "serial", "peft")}, iters, warmup)
+            point["tokens"] = (s // 16) ** 2 + 1
+            point["ratios"] = training_ratios(point)
+            sweep[str(s)] = point
+            free()
+        results["token_sweep"] = sweep
+        write(results, args.name, args.out)
+        done("vit token sweep", t0)
 
 
 if __name__ == "__main__":

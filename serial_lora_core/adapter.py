@@ -56,7 +56,8 @@ class StreamAdapter(nn.Module):
         Under autocast the result stays in the autocast dtype: the projection that reads it would
         cast its input to that dtype anyway, so no full-precision copy of the adapted input is
         written and read back. Otherwise it runs in the adapter's dtype and returns base's dtype.
-        The up-projection, the scale and the addition run as one `addmm`.
+        The up-projection, the scale and the addition run as one `addmm` (in place into the cast
+        input when nothing needs gradients).
         """
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -65,11 +66,23 @@ class StreamAdapter(nn.Module):
 
     def _add_to(self, base: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x_cast = x.to(dtype)
-        base = x_cast if base is x else base.to(dtype)  # the first adapter of a stream: cast once
+        # The first adapter of a stream casts once. When that cast made a new tensor and nothing needs
+        # gradients (inference), the addition goes into it in place: an out-of-place addmm first copies
+        # its input into the result, one more pass over the M x d activations.
+        in_place = base is x and x_cast is not x and not self._needs_grad(x)
+        base = x_cast if base is x else base.to(dtype)
         z = F.linear(self.dropout(x_cast), self.down.weight.to(dtype))
         flat = base.reshape(-1, base.shape[-1])
-        out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), self.up.weight.to(dtype).t(), alpha=self.scale * self.weight)
+        up = self.up.weight.to(dtype).t()
+        if in_place and flat.data_ptr() == base.data_ptr():
+            flat.addmm_(z.reshape(-1, z.shape[-1]), up, alpha=self.scale * self.weight)
+            return base
+        out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), up, alpha=self.scale * self.weight)
         return out.view(*base.shape[:-1], out.shape[-1])
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.down.weight.requires_grad
+                                            or self.up.weight.requires_grad)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·weight·B·A·dropout(x) alone (for inspection; the forward path uses `add_to`)."""

@@ -423,3 +423,29 @@ def test_argument_host_adapts_a_keyword_argument_too():
             base = attention(x)
         assert torch.equal(positional, keyword)
         assert not torch.equal(positional, base)
+
+
+@pytest.mark.parametrize(
+    "x_dtype, adapter_dtype, autocast",
+    [
+        (torch.float32, torch.float32, True),  # float32 activations under bf16 autocast: the cast copies
+        (torch.bfloat16, torch.float32, False),  # bf16 model, float32 adapter: the cast copies
+        (torch.float32, torch.float32, False),  # no cast, so nothing may be written in place
+    ],
+)
+def test_no_grad_path_equals_the_autograd_path_and_leaves_x_alone(x_dtype, adapter_dtype, autocast):
+    torch.manual_seed(0)
+    adapter = StreamAdapter(features=16, rank=4, scale=0.5, dtype=adapter_dtype)
+    torch.nn.init.normal_(adapter.up.weight)
+    x = torch.randn(3, 5, 16, dtype=x_dtype)
+    snapshot = x.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            inference = adapter(x)
+        training = adapter(x)
+    assert training.requires_grad and not inference.requires_grad
+    assert torch.equal(x, snapshot)
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+    exact = x.double() + 0.5 * (x.double() @ adapter.down.weight.double().t()) @ adapter.up.weight.double().t()
+    tolerance = 2e-2 if torch.bfloat16 in (x_dtype, inference.dtype) else 1e-5
+    torch.testing.assert_close(inference.double(), exact, rtol=tolerance, atol=tolerance)
