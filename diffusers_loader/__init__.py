@@ -9,13 +9,21 @@
     pipe.unload_serial_lora_weights()
     export_to_lora(pipe, "lora.safetensors")         # exact standard LoRA for stock load_lora_weights
 
+The import is the opt-in: it adds the `SerialLoraLoaderMixin` methods to diffusers' `SD3LoraLoaderMixin`
+(so every SD3 pipeline: text-to-image, img2img, inpaint, ControlNet, PAG), the
+`SerialLoraTransformerMixin` methods to `SD3Transformer2DModel`, and makes the stock
+`load_lora_weights`/`lora_state_dict` refuse a Serial LoRA file with a clear error. Nothing else of
+diffusers changes. Your own pipeline class can inherit `SerialLoraLoaderMixin` instead.
+
 Without a pipeline: `transformer.load_serial_lora_adapter(path)`, `transformer.save_serial_lora_adapter(dir)`,
-and the functions of `diffusers_loader.transformer` (e.g. `add_serial_lora(transformer, config)` to train).
-Your own pipeline class can inherit `SerialLoraLoaderMixin` instead.
+and the functions of `diffusers_loader.transformer` (e.g. `add_serial_lora(transformer, config)` to train,
+then `serial_lora_core.loraplus_param_groups`). Limits: the fused q/k/v processors of
+`fuse_qkv_projections()` and weights on the meta device (sequential CPU offload) are refused; a standard
+LoRA loaded after a Serial LoRA runs alongside it, but the Serial LoRA cannot be fused until it is unloaded.
 """
 
 from .export import export_to_lora
-from .fetch import DEFAULT_WEIGHT_NAME, resolve_adapter_file
+from .fetch import DEFAULT_WEIGHT_NAME, HUB_KWARGS, resolve_adapter_file
 from .install import install
 from .mixin import SerialLoraLoaderMixin, SerialLoraTransformerMixin
 from .transformer import add_serial_lora, architecture_name
@@ -24,6 +32,7 @@ install()
 
 __all__ = [
     "DEFAULT_WEIGHT_NAME",
+    "HUB_KWARGS",
     "SerialLoraLoaderMixin",
     "SerialLoraTransformerMixin",
     "add_serial_lora",

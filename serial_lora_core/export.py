@@ -85,7 +85,10 @@ def save_standard_lora(
 ) -> Path:
     """Write PEFT-format keys `<prefix><projection>.lora_A.weight` / `.lora_B.weight` atomically.
 
-    The scale is already inside `lora_B`, so rank = alpha (PEFT's default scale of 1).
+    The scale is already inside `lora_B`, so rank = alpha (a LoRA scale of exactly 1). Besides
+    `lora_rank`/`lora_alpha`, the metadata holds diffusers' `lora_adapter_metadata` (the LoraConfig
+    fields r, lora_alpha and target_modules under `<prefix>`), which diffusers' loaders use instead
+    of guessing the config from the tensors.
     """
     if not pairs:
         raise SerialLoraError("nothing to export")
@@ -95,7 +98,9 @@ def save_standard_lora(
         # Cloned: q, k and v of one stream share the same A, and safetensors refuses shared memory.
         tensors[f"{prefix}{projection}.lora_A.weight"] = down.to(dtype).contiguous().cpu().clone()
         tensors[f"{prefix}{projection}.lora_B.weight"] = up.to(dtype).contiguous().cpu().clone()
-    meta = {"format": "pt", "lora_rank": str(rank), "lora_alpha": str(rank), "exported_from": "serial_lora"}
+    peft_config = {"r": rank, "lora_alpha": rank, "target_modules": sorted(pairs)}
+    meta = {"format": "pt", "lora_rank": str(rank), "lora_alpha": str(rank), "exported_from": "serial_lora",
+            "lora_adapter_metadata": json.dumps({f"{prefix}{k}": v for k, v in peft_config.items()}, sort_keys=True)}
     meta.update(metadata or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
