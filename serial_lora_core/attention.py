@@ -165,12 +165,9 @@ class SerialLoraAttention(nn.ModuleDict):
             if cached[2] == 0:  # the stream's last projection: free the adapted input now
                 del self._cache[stream]
             return (cached[1], *args[1:])
-        adapters = self._active(stream)
-        if not adapters:
+        y = self.adapt(stream, x)
+        if y is x:  # no active adapter on this stream
             return None
-        y = x
-        for adapter in adapters:
-            y = adapter.add_to(y, x)
         uses_left = len(self.stream_specs[stream].projections) - 1
         if uses_left:
             self._cache[stream] = [x, y, uses_left]
