@@ -183,8 +183,31 @@ def done(title: str, t0: float, results: dict | None = None) -> None:
     line = f"   {title}: {time.perf_counter() - t0:.1f}s"
     if results:
         medians = {k: round(v["median_ms"], 2) for k, v in results.items() if isinstance(v, dict) and "median_ms" in v}
-        line += f" medians {medians}"
+        if medians:
+            line += f" medians {medians}"
         extra = results.get("ratios")
         if extra:
             line += f" ratios { {k: round(v, 3) for k, v in extra.items()} }"
     print(line, flush=True)
+
+
+def record(results: dict, key: str, title: str, compute: Callable[[], dict], name: str, out_dir: str | Path) -> dict:
+    """Run one benchmark section: store `results[key]`, rewrite the JSON at once (a later section that
+    crashes or times out keeps what came before), print its timing, free GPU memory."""
+    t0 = section(title)
+    results[key] = compute()
+    write(results, name, out_dir)
+    done(title, t0, results[key])
+    free()
+    return results[key]
+
+
+def training_comparison(trainer_of: Callable[[str, dict], Callable[[], object]], iters: int, warmup: int) -> dict:
+    """floor, floor_blocks, Serial and PEFT training steps timed in turn, with trainable-parameter counts
+    (filled in by `trainer_of(mode, info)`) and the ratios against both floors."""
+    info: dict = {}
+    train = compare({m: trainer_of(m, info) for m in ("floor", "floor_blocks", "serial", "peft")}, iters, warmup)
+    train["trainable_parameters"] = info
+    train["ratios"] = training_ratios(train)
+    train["ratios_vs_floor_blocks"] = training_ratios(train, "floor_blocks")
+    return train

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from common import cuda, free, sync
 from torch.profiler import ProfilerActivity, profile
 

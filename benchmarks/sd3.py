@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import compare, device, done, environment, free, ratios, section, sync, training_ratios, write
+from common import compare, device, environment, free, ratios, record, sync, training_comparison, training_ratios
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, inject_adapter_in_model
@@ -245,65 +245,50 @@ def main() -> None:
                "batch": batch, "latent": latent, "pixels": latent * 8, "text_tokens": text, "rank": rank,
                "peft_target_modules": LORA_TARGETS, "iters": iters, "warmup": warmup}
 
+    def save(key: str, title: str, compute) -> dict:
+        return record(results, key, f"sd3 {title}", compute, args.name, args.out)
+
     if "train" in sections:
-        t0 = section("sd3 train")
-        info = {}
-        train = compare({m: trainer(m, rank, batch, latent, text, smoke, info)
-                         for m in ("floor", "floor_blocks", "serial", "peft")}, iters, warmup)
-        train["trainable_parameters"] = info
-        train["ratios"] = training_ratios(train)
-        train["ratios_vs_floor_blocks"] = training_ratios(train, "floor_blocks")
-        results["train"] = train
-        write(results, args.name, args.out)
-        done("sd3 train", t0, train)
-        free()
+        save("train", "train", lambda: training_comparison(
+            lambda m, info: trainer(m, rank, batch, latent, text, smoke, info), iters, warmup))
 
     if "infer" in sections:
-        t0 = section("sd3 infer")
-        modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
-        infer = compare({m: inferer(m, rank, batch, latent, text, smoke) for m in modes},
-                        iters if smoke else max(iters, 40), warmup)
-        infer["ratios"] = ratios(infer, "base", list(modes[1:]))
-        results["infer"] = infer
-        write(results, args.name, args.out)
-        done("sd3 infer", t0, infer)
-        free()
+        def infer() -> dict:
+            modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+            out = compare({m: inferer(m, rank, batch, latent, text, smoke) for m in modes},
+                          iters if smoke else max(iters, 40), warmup)
+            out["ratios"] = ratios(out, "base", list(modes[1:]))
+            return out
+
+        save("infer", "infer", infer)
 
     if "load" in sections:
-        t0 = section("sd3 load")
-        results["load"] = loading(rank, smoke, 3 if smoke else 10)
-        write(results, args.name, args.out)
-        done("sd3 load", t0)
-        print(f"   {results['load']}", flush=True)
-        free()
+        print(f"   {save('load', 'load', lambda: loading(rank, smoke, 3 if smoke else 10))}", flush=True)
 
     if "rank" in sections:
-        t0 = section("sd3 rank sweep")
-        ranks = (2, 4) if smoke else (8, 16, 32, 64, 128)
-        sweep = {}
-        for r in ranks:
-            sweep[str(r)] = compare({m: trainer(m, r, batch, latent, text, smoke) for m in ("serial", "peft")},
-                                    iters, warmup)
-            free()
-        results["rank_sweep"] = sweep
-        write(results, args.name, args.out)
-        done("sd3 rank sweep", t0)
+        def rank_sweep() -> dict:
+            sweep = {}
+            for r in (2, 4) if smoke else (8, 16, 32, 64, 128):
+                sweep[str(r)] = compare({m: trainer(m, r, batch, latent, text, smoke) for m in ("serial", "peft")},
+                                        iters, warmup)
+                free()
+            return sweep
+
+        save("rank_sweep", "rank sweep", rank_sweep)
 
     if "tokens" in sections:
-        t0 = section("sd3 token sweep")
-        lats = (8, 16) if smoke else (64, 96, 128)  # 512, 768, 1024 px
-        sweep = {"batch": batch, "rank": rank}
-        for lat in lats:
-            point = compare({m: trainer(m, rank, batch, lat, text, smoke) for m in ("floor", "serial", "peft")},
-                            iters, warmup)
-            point["image_tokens"] = (lat // 2) ** 2
-            point["ratios"] = training_ratios(point)
-            sweep[str(lat * 8)] = point
-            free()
-        results["token_sweep"] = sweep
-        write(results, args.name, args.out)
-        done("sd3 token sweep", t0)
+        def token_sweep() -> dict:
+            sweep = {"batch": batch, "rank": rank}
+            for lat in (8, 16) if smoke else (64, 96, 128):  # 512, 768, 1024 px
+                point = compare({m: trainer(m, rank, batch, lat, text, smoke) for m in ("floor", "serial", "peft")},
+                                iters, warmup)
+                point["image_tokens"] = (lat // 2) ** 2
+                point["ratios"] = training_ratios(point)
+                sweep[str(lat * 8)] = point
+                free()
+            return sweep
 
+        save("token_sweep", "token sweep", token_sweep)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from common import compare, device, done, environment, free, ratios, section, training_ratios, write
+from common import compare, device, environment, free, ratios, record, training_comparison, training_ratios
 from peft import LoraConfig, inject_adapter_in_model
 
 from serial_lora_core import SerialLoraConfig, inject_serial_lora, merge_serial_lora, serial_lora_parameters
@@ -110,70 +110,59 @@ def main() -> None:
     results = {"env": environment(), "arch": ARCH, "batch": batch, "img": img, "rank": rank,
                "peft_target_modules": PEFT_TARGETS, "iters": iters, "warmup": warmup}
 
+    def save(key: str, title: str, compute) -> dict:
+        return record(results, key, f"vit {title}", compute, args.name, args.out)
+
     if "train" in sections:
-        t0 = section("vit train")
-        info = {}
-        train = compare({m: trainer(m, rank, batch, img, smoke, info=info)
-                         for m in ("floor", "floor_blocks", "serial", "peft")}, iters, warmup)
-        train["trainable_parameters"] = info
-        train["ratios"] = training_ratios(train)
-        train["ratios_vs_floor_blocks"] = training_ratios(train, "floor_blocks")
-        results["train"] = train
-        write(results, args.name, args.out)
-        done("vit train", t0, train)
-        free()
+        save("train", "train", lambda: training_comparison(
+            lambda m, info: trainer(m, rank, batch, img, smoke, info=info), iters, warmup))
 
     if "infer" in sections:
-        t0 = section("vit infer")
-        modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
-        infer = compare({m: inferer(m, rank, batch, img, smoke) for m in modes}, max(iters, 50) if not smoke else iters,
-                        warmup)
-        infer["ratios"] = ratios(infer, "base", list(modes[1:]))
-        results["infer"] = infer
-        write(results, args.name, args.out)
-        done("vit infer", t0, infer)
-        free()
+        def infer() -> dict:
+            modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+            out = compare({m: inferer(m, rank, batch, img, smoke) for m in modes},
+                          max(iters, 50) if not smoke else iters, warmup)
+            out["ratios"] = ratios(out, "base", list(modes[1:]))
+            return out
+
+        save("infer", "infer", infer)
 
     if "compile" in sections:
-        t0 = section("vit compile")
-        torch._dynamo.reset()
-        comp = compare({f"{m}_compiled": trainer(m, rank, batch, img, smoke, compile_=True)
-                        for m in ("floor", "serial", "peft")}, iters, warmup + 1)
-        comp["ratios"] = ratios(comp, "floor_compiled", ["serial_compiled", "peft_compiled"])
-        if "train" in results:
-            comp["compiled_over_eager"] = {m: comp[f"{m}_compiled"]["median_ms"] / results["train"][m]["median_ms"]
-                                           for m in ("floor", "serial", "peft")}
-        results["compile"] = comp
-        write(results, args.name, args.out)
-        done("vit compile", t0, comp)
-        free()
+        def compiled() -> dict:
+            torch._dynamo.reset()
+            comp = compare({f"{m}_compiled": trainer(m, rank, batch, img, smoke, compile_=True)
+                            for m in ("floor", "serial", "peft")}, iters, warmup + 1)
+            comp["ratios"] = ratios(comp, "floor_compiled", ["serial_compiled", "peft_compiled"])
+            if "train" in results:
+                comp["compiled_over_eager"] = {m: comp[f"{m}_compiled"]["median_ms"] / results["train"][m]["median_ms"]
+                                               for m in ("floor", "serial", "peft")}
+            return comp
+
+        save("compile", "compile", compiled)
 
     if "rank" in sections:
-        t0 = section("vit rank sweep")
-        ranks = (2, 4) if smoke else (8, 16, 32, 64, 128)
-        sweep = {}
-        for r in ranks:
-            sweep[str(r)] = compare({m: trainer(m, r, batch, img, smoke) for m in ("serial", "peft")}, iters, warmup)
-            free()
-        results["rank_sweep"] = sweep
-        write(results, args.name, args.out)
-        done("vit rank sweep", t0)
+        def rank_sweep() -> dict:
+            sweep = {}
+            for r in (2, 4) if smoke else (8, 16, 32, 64, 128):
+                sweep[str(r)] = compare({m: trainer(m, r, batch, img, smoke) for m in ("serial", "peft")}, iters, warmup)
+                free()
+            return sweep
+
+        save("rank_sweep", "rank sweep", rank_sweep)
 
     if "tokens" in sections:
-        t0 = section("vit token sweep")
-        sizes = (32, 48) if smoke else (224, 336, 448)
-        b = batch if smoke else 64
-        sweep = {"batch": b, "rank": rank}
-        for s in sizes:
-            point = compare({m: trainer(m, rank, b, s, smoke) for m in ("floor", "serial", "peft")}, iters, warmup)
-            point["tokens"] = (s // 16) ** 2 + 1
-            point["ratios"] = training_ratios(point)
-            sweep[str(s)] = point
-            free()
-        results["token_sweep"] = sweep
-        write(results, args.name, args.out)
-        done("vit token sweep", t0)
+        def token_sweep() -> dict:
+            b = batch if smoke else 64
+            sweep = {"batch": b, "rank": rank}
+            for s in (32, 48) if smoke else (224, 336, 448):
+                point = compare({m: trainer(m, rank, b, s, smoke) for m in ("floor", "serial", "peft")}, iters, warmup)
+                point["tokens"] = (s // 16) ** 2 + 1
+                point["ratios"] = training_ratios(point)
+                sweep[str(s)] = point
+                free()
+            return sweep
 
+        save("token_sweep", "token sweep", token_sweep)
 
 if __name__ == "__main__":
     main()
