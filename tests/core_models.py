@@ -103,14 +103,8 @@ class JointAttention(nn.Module):
         return image_out, self.to_add_out(out[:, n:].contiguous())
 
 
-class FunctionalQKVAttention(nn.Module):
+class FunctionalQKVAttention(FusedQKVAttention):
     """Reads its qkv weight with F.linear instead of calling the layer: only an argument hook sees x."""
-
-    def __init__(self, dim: int = DIM, heads: int = HEADS) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = _tokens(F.linear(x, self.qkv.weight, self.qkv.bias)).chunk(3, dim=-1)
