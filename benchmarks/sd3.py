@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 import diffusers_loader
 from serial_lora_core import SerialLoraConfig, merge_serial_lora, remove_serial_lora, serial_lora_parameters
+from serial_lora_core.adapter import StreamAdapter
 
 MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
               caption_projection_dim=1536, pooled_projection_dim=2048, in_channels=16, out_channels=16,
@@ -104,6 +105,10 @@ def inferer(mode: str, rank: int, batch: int, latent: int, text_tokens: int, smo
             torch.nn.init.normal_(p, std=0.01)  # a trained-looking adapter (B != 0)
         if mode == "serial_fused":
             merge_serial_lora(model)
+        if mode == "serial_unfused_pytorch":  # the core's path without its Triton kernel (before/after)
+            for module in model.modules():
+                if isinstance(module, StreamAdapter):
+                    module.use_triton = False
         x = inputs(model, batch, latent, text_tokens)
 
         @torch.no_grad()
@@ -254,7 +259,7 @@ def main() -> None:
 
     if "infer" in sections:
         def infer() -> dict:
-            modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+            modes = ("base", "serial_unfused", "serial_unfused_pytorch", "serial_fused", "peft_unmerged")
             out = compare({m: inferer(m, rank, batch, latent, text, smoke) for m in modes},
                           iters if smoke else max(iters, 40), warmup)
             out["ratios"] = ratios(out, "base", list(modes[1:]))

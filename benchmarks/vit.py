@@ -22,6 +22,7 @@ from common import compare, device, environment, free, ratios, record, training_
 from peft import LoraConfig, inject_adapter_in_model
 
 from serial_lora_core import SerialLoraConfig, inject_serial_lora, merge_serial_lora, serial_lora_parameters
+from serial_lora_core.adapter import StreamAdapter
 
 ARCH = "vit_base_patch16_clip_224"
 SMOKE = dict(depth=2, embed_dim=64, num_heads=2)
@@ -84,6 +85,10 @@ def inferer(mode: str, rank: int, batch: int, img: int, smoke: bool):
             torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter (B != 0)
         if mode == "serial_fused":
             merge_serial_lora(model)
+        if mode == "serial_unfused_pytorch":  # the core's path without its Triton kernel (before/after)
+            for module in model.modules():
+                if isinstance(module, StreamAdapter):
+                    module.use_triton = False
         x = torch.randn(batch, 3, img, img, device=device())
 
         @torch.no_grad()
@@ -119,7 +124,7 @@ def main() -> None:
 
     if "infer" in sections:
         def infer() -> dict:
-            modes = ("base", "serial_unfused", "serial_fused", "peft_unmerged")
+            modes = ("base", "serial_unfused", "serial_unfused_pytorch", "serial_fused", "peft_unmerged")
             out = compare({m: inferer(m, rank, batch, img, smoke) for m in modes},
                           max(iters, 50) if not smoke else iters, warmup)
             out["ratios"] = ratios(out, "base", list(modes[1:]))

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Below this many input elements the PyTorch path is used: there the forward is bound by the host's
+# launch rate (SD3 at batch 2, 1024 px: 8192 x 1536), and a Triton launch costs more host time than
+# the two PyTorch kernels it replaces (BENCHMARKS.md).
+TRITON_MIN_ELEMENTS = 1 << 24
+_triton_adapter = None  # serial_lora_core.triton_adapter once imported, False where Triton is missing
+
+
+def _triton_kernel() -> ModuleType | bool:
+    """The Triton kernel module, imported on first use (False without Triton)."""
+    global _triton_adapter
+    if _triton_adapter is None:
+        try:
+            from . import triton_adapter
+        except ImportError:
+            triton_adapter = False
+        _triton_adapter = triton_adapter
+    return _triton_adapter
+
+
+@functools.cache
+def _triton_capable(device: torch.device) -> bool:
+    """Ampere or newer: the kernel's bfloat16 tensor-core dot needs compute capability 8.0."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 class StreamAdapter(nn.Module):
@@ -14,7 +43,13 @@ class StreamAdapter(nn.Module):
 
     `down` is A (r x d), `up` is B (d x r). `up` starts at zero, so a fresh adapter is the identity.
     `scale` is s = alpha/r (or alpha/sqrt(r)); `weight` is the user's strength on top of it.
+
+    `use_triton` (class-wide, or per instance): at inference on CUDA in float16/bfloat16, compute the
+    adapted input with one Triton kernel (`triton_adapter`) where Triton is installed. Off with
+    `StreamAdapter.use_triton = False` or the environment variable SERIAL_LORA_TRITON=0.
     """
+
+    use_triton: bool = os.environ.get("SERIAL_LORA_TRITON", "1") != "0"
 
     def __init__(
         self,
@@ -65,6 +100,8 @@ class StreamAdapter(nn.Module):
         return self._add_to(base, x, self.down.weight.dtype).to(base.dtype)
 
     def _add_to(self, base: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if base is x and self._triton_applies(x, dtype):
+            return _triton_adapter.adapted_input(x, self.down.weight, self.up.weight, self.scale * self.weight, dtype)
         x_cast = x.to(dtype)
         # The first adapter of a stream casts once. When that cast made a new tensor and nothing needs
         # gradients (inference), the addition goes into it in place: an out-of-place addmm first copies
@@ -79,6 +116,25 @@ class StreamAdapter(nn.Module):
             return base
         out = torch.addmm(flat, z.reshape(-1, z.shape[-1]), up, alpha=self.scale * self.weight)
         return out.view(*base.shape[:-1], out.shape[-1])
+
+    def _triton_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        # Under torch.compile the PyTorch path is left to the compiler, which fuses it on its own.
+        if not (x.is_cuda or _TRITON_INTERPRET) or not self.use_triton or torch.compiler.is_compiling():
+            return False
+        if x.numel() < TRITON_MIN_ELEMENTS:
+            return False
+        if x.is_cuda:
+            if not _triton_capable(x.device):
+                return False
+        elif dtype is not torch.float16:  # Triton's CPU interpreter (tests) gets bfloat16 dots wrong
+            return False
+        return (
+            dtype in (torch.float16, torch.bfloat16)
+            and x.is_contiguous()
+            and not (self.dropout.training and isinstance(self.dropout, nn.Dropout))
+            and not self._needs_grad(x)
+            and bool(_triton_kernel())
+        )
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or self.down.weight.requires_grad
