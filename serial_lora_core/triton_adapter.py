@@ -14,14 +14,12 @@ tensors through Triton's interpreter, which is how the CPU test-suite checks its
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Launch parameters chosen on an H100 (benchmarks/triton_tune.py, results in BENCHMARKS.md).
 # PROGRAMS_PER_SM > 0 runs a persistent grid of that many programs per multiprocessor, each walking
@@ -108,10 +106,13 @@ def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: 
         blocks = triton.cdiv(rows, block_m)
         if programs_per_sm:
             blocks = min(blocks, programs_per_sm * _multiprocessors(x.device))
-        _adapt_kernel[(blocks,)](
-            flat, down.to(dtype).contiguous(), up.to(dtype).contiguous(), y, rows, float(scale),
-            D=features, R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), BLOCK_M=block_m, BLOCK_D=block_d,
-            FP16=dtype == torch.float16, STAGE_IN_Y=stage_in_y, num_warps=num_warps,
-            num_stages=num_stages or NUM_STAGES,
-        )
+        # Triton launches on the current CUDA device, which need not be x's (models split over GPUs).
+        on_other_gpu = x.is_cuda and x.device.index != torch.cuda.current_device()
+        with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
+            _adapt_kernel[(blocks,)](
+                flat, down.to(dtype).contiguous(), up.to(dtype).contiguous(), y, rows, float(scale),
+                D=features, R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), BLOCK_M=block_m, BLOCK_D=block_d,
+                FP16=dtype == torch.float16, STAGE_IN_Y=stage_in_y, num_warps=num_warps,
+                num_stages=num_stages or NUM_STAGES,
+            )
     return y.view(x.shape)

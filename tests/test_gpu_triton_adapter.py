@@ -126,3 +126,4 @@ def test_training_and_compile_keep_the_pytorch_path(kernel_calls):
         compiled = torch.compile(model)(x).float()
     assert len(kernel_calls) == 2  # the eager call only
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
+
