@@ -45,6 +45,15 @@ def environment() -> dict:
     return info
 
 
+def without_triton_kernel(model: torch.nn.Module) -> None:
+    """Make every Serial LoRA adapter of `model` take the core's PyTorch path (the before of fix 3)."""
+    from serial_lora_core.adapter import StreamAdapter
+
+    for module in model.modules():
+        if isinstance(module, StreamAdapter):
+            module.use_triton = False
+
+
 def sync() -> None:
     if cuda():
         torch.cuda.synchronize()

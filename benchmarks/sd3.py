@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import compare, device, environment, free, ratios, record, sync, training_comparison, training_ratios
+from common import (compare, device, environment, free, ratios, record, sync, training_comparison, training_ratios,
+                    without_triton_kernel)
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, inject_adapter_in_model
@@ -31,7 +32,6 @@ from safetensors.torch import save_file
 
 import diffusers_loader
 from serial_lora_core import SerialLoraConfig, merge_serial_lora, remove_serial_lora, serial_lora_parameters
-from serial_lora_core.adapter import StreamAdapter
 
 MEDIUM = dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
               caption_projection_dim=1536, pooled_projection_dim=2048, in_channels=16, out_channels=16,
@@ -105,10 +105,8 @@ def inferer(mode: str, rank: int, batch: int, latent: int, text_tokens: int, smo
             torch.nn.init.normal_(p, std=0.01)  # a trained-looking adapter (B != 0)
         if mode == "serial_fused":
             merge_serial_lora(model)
-        if mode == "serial_unfused_pytorch":  # the core's path without its Triton kernel (before/after)
-            for module in model.modules():
-                if isinstance(module, StreamAdapter):
-                    module.use_triton = False
+        if mode == "serial_unfused_pytorch":
+            without_triton_kernel(model)
         x = inputs(model, batch, latent, text_tokens)
 
         @torch.no_grad()

@@ -2,10 +2,10 @@
 
 For the ViT-B/16 (b256, 224 px, r32) and SD3-medium (b2, 1024 px, r64) adapted inputs, times one
 adapted stream side by side: the cast the base model pays anyway (float32 -> bfloat16), the core's
-PyTorch path, and the kernel at each (block_m, block_d, num_warps). The defaults in
-triton_adapter.py are the best of this sweep over both shapes.
+PyTorch path, and the kernel at each launch configuration of CONFIGS. The defaults in
+triton_adapter.py are the best of this sweep over both shapes (written there by apply_tuned.py).
 
-    python benchmarks/triton_tune.py --out OUT [--smoke]
+    python benchmarks/triton_tune.py --out OUT [--iters N]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import itertools
 
 import torch
 import triton
-from common import compare, device, done, environment, section, write
+from common import compare, device, done, environment, section, without_triton_kernel, write
 
 from serial_lora_core import triton_adapter
 from serial_lora_core.adapter import StreamAdapter
@@ -26,6 +26,7 @@ SHAPES = {"vit_b16_b256_r32": (256 * 197, 768, 32), "sd3_medium_1024px_r64": (2 
 # programs_per_sm 1-2 and a one-pass variant holding whole rows and both factors on chip (x13 to x40
 # the cast: register spills).
 CONFIGS = list(itertools.product((16, 32), (128, 256), (4, 8), (0, 4, 8, 16), (2, 3), (0, 1)))
+CONFIG_KEYS = ("block_m", "block_d", "num_warps", "programs_per_sm", "num_stages", "stage_in_y")
 
 
 def tune(rows: int, d: int, r: int, iters: int) -> dict:
@@ -35,7 +36,7 @@ def tune(rows: int, d: int, r: int, iters: int) -> dict:
     down, up = adapter.down.weight, adapter.up.weight
     plain = StreamAdapter(d, r, scale=2.0).to(device()).eval()
     plain.load_state_dict(adapter.state_dict())
-    plain.use_triton = False
+    without_triton_kernel(plain)
 
     def cast():
         return lambda: x.to(torch.bfloat16)
@@ -73,10 +74,6 @@ def tune(rows: int, d: int, r: int, iters: int) -> dict:
     return out
 
 
-def _config(name: str) -> tuple[int, ...]:
-    return tuple(int(part[1:]) for part in name.split("_"))
-
-
 def config_name(block_m: int, block_d: int, warps: int, programs: int, stages: int, staged: int) -> str:
     return f"m{block_m}_d{block_d}_w{warps}_p{programs}_s{stages}_y{staged}"
 
@@ -97,11 +94,11 @@ def main() -> None:
         print(f"   best {best}: {over[best]:.3f}x the cast; default {over['default']:.3f}x; pytorch path "
               f"{over['pytorch_path']:.3f}x; top 6: {sorted(over.items(), key=lambda item: item[1])[:6]}", flush=True)
     # One ranking over both shapes: the sum of each config's time relative to that shape's best.
-    score = {config_name(*c): sum(results[s][config_name(*c)]["median_ms"] / results[s][results[s]["best"]]["median_ms"]
-                                  for s in SHAPES) for c in CONFIGS if all(config_name(*c) in results[s] for s in SHAPES)}
+    configs = {config_name(*c): c for c in CONFIGS if all(config_name(*c) in results[s] for s in SHAPES)}
+    score = {name: sum(results[s][name]["median_ms"] / results[s][results[s]["best"]]["median_ms"] for s in SHAPES)
+             for name in configs}
     ranking = sorted(score.items(), key=lambda item: item[1])
-    keys = ("block_m", "block_d", "num_warps", "programs_per_sm", "num_stages", "stage_in_y")
-    results["ranking"], results["overall_best"] = ranking[:10], dict(zip(keys, _config(ranking[0][0])))
+    results["ranking"], results["overall_best"] = ranking[:10], dict(zip(CONFIG_KEYS, configs[ranking[0][0]]))
     write(results, "triton_tune", args.out)
     print("   overall ranking:", [(n, round(v, 3)) for n, v in ranking[:6]], flush=True)
     print("   overall best:", results["overall_best"], flush=True)

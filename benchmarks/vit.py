@@ -18,11 +18,11 @@ import argparse
 import timm
 import torch
 import torch.nn.functional as F
-from common import compare, device, environment, free, ratios, record, training_comparison, training_ratios
+from common import (compare, device, environment, free, ratios, record, training_comparison, training_ratios,
+                    without_triton_kernel)
 from peft import LoraConfig, inject_adapter_in_model
 
 from serial_lora_core import SerialLoraConfig, inject_serial_lora, merge_serial_lora, serial_lora_parameters
-from serial_lora_core.adapter import StreamAdapter
 
 ARCH = "vit_base_patch16_clip_224"
 SMOKE = dict(depth=2, embed_dim=64, num_heads=2)
@@ -85,10 +85,8 @@ def inferer(mode: str, rank: int, batch: int, img: int, smoke: bool):
             torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter (B != 0)
         if mode == "serial_fused":
             merge_serial_lora(model)
-        if mode == "serial_unfused_pytorch":  # the core's path without its Triton kernel (before/after)
-            for module in model.modules():
-                if isinstance(module, StreamAdapter):
-                    module.use_triton = False
+        if mode == "serial_unfused_pytorch":
+            without_triton_kernel(model)
         x = torch.randn(batch, 3, img, img, device=device())
 
         @torch.no_grad()

@@ -1,7 +1,7 @@
 """The optional Triton inference kernel (serial_lora_core/triton_adapter.py), checked on CPU.
 
 The arithmetic runs through Triton's interpreter in a subprocess (tests/triton_interpret_checks.py);
-the CUDA run of the same kernel, in bfloat16 too, is tests/gpu/test_triton_adapter_cuda.py.
+the CUDA run of the same kernel, in bfloat16 too, is tests/test_gpu_triton_adapter.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,18 @@ from triton_interpret_checks import KERNEL_CASES, VARIANTS
 TESTS = Path(__file__).parent
 
 
+def subprocess_env(interpret: bool) -> dict[str, str]:
+    """This environment with tests/ and the repository importable, Triton's interpreter on or off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent)])
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    env = subprocess_env(interpret=True)
     result = subprocess.run([sys.executable, str(TESTS / "triton_interpret_checks.py")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,9 +71,7 @@ def test_cpu_inference_never_imports_triton():
         "    model(*HOSTS['fused'].inputs())\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'triton' or 'triton_adapter' in m)))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent)])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(interpret=False), capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == []
 
 

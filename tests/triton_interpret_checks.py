@@ -3,7 +3,7 @@
 Started by tests/test_core_triton_adapter.py in a subprocess with TRITON_INTERPRET=1 (the variable must
 be set before Triton compiles anything, so it cannot be switched on inside the pytest process).
 Float16 only: the interpreter computes bfloat16 dots wrongly (NumPy has no bfloat16); the GPU test
-(tests/gpu/) covers bfloat16. Prints one JSON object.
+(tests/test_gpu_triton_adapter.py) covers bfloat16. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _counting(*args, **kwargs):
 def kernel_errors() -> dict:
     """Relative error of the kernel against the same arithmetic in PyTorch (float16 in, float32 sums)."""
     out = {}
-    for (name, (lead, d, r)), (programs, staged) in itertools.product(KERNEL_CASES.items(), VARIANTS.values()):
+    for (name, (lead, d, r)), (variant, (programs, staged)) in itertools.product(KERNEL_CASES.items(), VARIANTS.items()):
         generator = torch.Generator().manual_seed(len(name))
         x = torch.randn(*lead, d, generator=generator)
         down = torch.randn(r, d, generator=generator) / d**0.5
@@ -59,7 +59,7 @@ def kernel_errors() -> dict:
         z = (low.float() @ down.half().float().t()).half()
         expected = low.float() + 0.7 * (z.float() @ up.half().float().t())
         error = ((y.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-        out[f"{name}-{next(k for k, v in VARIANTS.items() if v == (programs, staged))}"] = {"error": error, "dtype": str(y.dtype), "shape_kept": list(y.shape) == list(x.shape)}
+        out[f"{name}-{variant}"] = {"error": error, "dtype": str(y.dtype), "shape_kept": list(y.shape) == list(x.shape)}
     return out
 
 
