@@ -3,7 +3,8 @@
 For the ViT-B/16 (b256, 224 px, r32) and SD3-medium (b2, 1024 px, r64) adapted inputs, times one
 adapted stream side by side: the cast the base model pays anyway (float32 -> bfloat16), the core's
 PyTorch path, and the kernel at each launch configuration of CONFIGS. The defaults in
-triton_adapter.py are the best of this sweep over both shapes (written there by apply_tuned.py).
+serial_lora_core/triton_tuned.json are the best of this sweep over both shapes (written there by
+apply_tuned.py).
 
     python benchmarks/triton_tune.py --out OUT [--iters N]
 """
@@ -26,15 +27,15 @@ SHAPES = {"vit_b16_b256_r32": (256 * 197, 768, 32), "sd3_medium_1024px_r64": (2 
 # programs_per_sm 1-2 and a one-pass variant holding whole rows and both factors on chip (x13 to x40
 # the cast: register spills).
 CONFIGS = list(itertools.product((16, 32), (128, 256), (4, 8), (0, 4, 8, 16), (2, 3), (0, 1)))
-CONFIG_KEYS = ("block_m", "block_d", "num_warps", "programs_per_sm", "num_stages", "stage_in_y")
+CONFIG_KEYS = triton_adapter.LAUNCH_KEYS  # the order of each CONFIGS tuple; apply_tuned.py writes these keys
 
 
 def tune(rows: int, d: int, r: int, iters: int) -> dict:
-    adapter = StreamAdapter(d, r, scale=2.0).to(device()).eval()
+    adapter = StreamAdapter(d, r, scaling=2.0).to(device()).eval()
     torch.nn.init.normal_(adapter.up.weight, std=0.02)
     x = torch.randn(rows, d, device=device())
     down, up = adapter.down.weight, adapter.up.weight
-    plain = StreamAdapter(d, r, scale=2.0).to(device()).eval()
+    plain = StreamAdapter(d, r, scaling=2.0).to(device()).eval()
     plain.load_state_dict(adapter.state_dict())
     without_triton_kernel(plain)
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from serial_lora_core import AdapterFile, SerialLoraError
+from serial_lora_core.files import resolve_projections
 
 # How diffusion-model and text-encoder LoRA names are prefixed in ComfyUI's key maps.
 MODEL_PREFIXES = ("transformer.", "diffusion_model.", "")
@@ -50,7 +51,8 @@ def _lookup(key_map: Mapping[str, object], prefixes: tuple[str, ...], path: str)
 def _stream_targets(adapter: AdapterFile, attention: str, stream: str, key_map, prefixes, shapes) -> list[PatchTarget] | None:
     pair = adapter.weights[(attention, stream)]
     found = []
-    for projection in adapter.streams[stream]:
+    # The core's one rule for what a stream adapts (no model host here: ComfyUI has its own layout).
+    for projection in resolve_projections(adapter, attention, stream):
         path = f"{attention}.{projection}" if attention else projection
         name, target = _lookup(key_map, prefixes, path)
         if target is None:

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from serial_lora_core.format import atomic_write
+
 STUB = '''"""Serial LoRA nodes, linked by `python -m comfyui_nodes.link` (serial-lora is pip-installed)."""
 from comfyui_nodes import comfy_entrypoint  # noqa: F401
 '''
@@ -21,9 +23,7 @@ def link_into_comfyui(comfyui: str | Path, name: str = "serial_lora") -> Path:
     if not custom_nodes.is_dir():
         raise ValueError(f"{str(comfyui)!r} has no custom_nodes folder; pass the ComfyUI root folder (the one with main.py)")
     target = custom_nodes / name / "__init__.py"
-    target.parent.mkdir(exist_ok=True)
-    target.write_text(STUB)
-    return target
+    return atomic_write(target, lambda tmp: Path(tmp).write_text(STUB))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,20 @@
 """The Serial LoRA nodes (category "model/loaders", next to ComfyUI's LoRA loaders).
 
-- Load Serial LoRA (model only): MODEL + file + strength -> MODEL
 - Load Serial LoRA: MODEL, CLIP + file + two strengths -> MODEL, CLIP
-- Save Serial LoRA as LoRA: MODEL + file + strength -> a standard LoRA in `loras` that
+- Load Serial LoRA (model only): MODEL + file + strength -> MODEL (a subclass, as ComfyUI's
+  LoraLoaderModelOnly is of LoraLoader)
+- Save Serial LoRA as LoRA: MODEL + file + strength -> a new standard LoRA in `loras`
+  (`<prefix>_00001_.safetensors`, counted like ComfyUI's own save nodes: never overwrites) that
   ComfyUI's stock LoraLoader applies with the same result.
 The input MODEL/CLIP is never modified: each node clones it and adds ComfyUI weight patches.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 from collections import OrderedDict
 
 import torch
@@ -19,6 +24,7 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from serial_lora_core import AdapterFile, SerialLoraError, read_file, save_standard_lora
+from serial_lora_core.formula import equivalent_up
 
 from .keymap import CLIP_PREFIXES, MODEL_PREFIXES, PatchTarget, plan_patches
 from .weight_adapter import SerialLoraWeightAdapter
@@ -29,7 +35,9 @@ if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
                                                    set(folder_paths.supported_pt_extensions))
 
-_CACHE: "OrderedDict[str, tuple[tuple[int, int], AdapterFile]]" = OrderedDict()
+_HEADER_LIMIT = 100_000_000  # safetensors' own limit on a header's size
+# path -> (the file's stored sha256, the validated adapter)
+_CACHE: "OrderedDict[str, tuple[str, AdapterFile]]" = OrderedDict()
 _CACHE_SIZE = 4
 
 
@@ -44,20 +52,46 @@ def adapter_path(name: str) -> str:
     return folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path_or_raise("loras", name)
 
 
+def stored_sha256(path: str) -> str | None:
+    """The sha256 a Serial LoRA file stores in its metadata, read from the safetensors header with plain
+    reads (no memory map, so ComfyUI's --disable-mmap holds; the core reads the file into memory too).
+    None when the file has none or is not safetensors: `read_file` then says what is wrong."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if size > _HEADER_LIMIT:
+                return None
+            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+    except (OSError, struct.error, ValueError, AttributeError):  # unreadable: read_file names the problem
+        return None
+    digest = metadata.get("sha256")
+    return digest if isinstance(digest, str) else None
+
+
 def load_adapter(name: str) -> AdapterFile:
-    """Read and validate a Serial LoRA once; later calls reuse it until the file changes."""
+    """Read and validate a Serial LoRA once; later calls reuse it while the file's content is the same.
+
+    The cache keys on the sha256 the file stores (which `read_file` checks against the content), not on
+    its modification time and size, which a different file copied with `cp -p` can share.
+    """
     path = adapter_path(name)
-    stat = os.stat(path)
-    stamp = (stat.st_mtime_ns, stat.st_size)
+    digest = stored_sha256(path)
     cached = _CACHE.get(path)
-    if cached is not None and cached[0] == stamp:
+    if cached is not None and digest is not None and cached[0] == digest:
         _CACHE.move_to_end(path)
         return cached[1]
     adapter = read_file(path)
-    _CACHE[path] = (stamp, adapter)
+    _CACHE[path] = (adapter.metadata["sha256"], adapter)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return adapter
+
+
+def finite_strength(name: str, value: float) -> float:
+    """`value` of the input `name` as a float, refusing NaN and inf (which pass ComfyUI's min/max check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SerialLoraError(f"{name} is {value!r}; set it to a finite number (1.0 = as trained, 0 = off)")
+    return float(value)
 
 
 def _shapes(state_dict) -> dict[str, torch.Size]:
@@ -77,7 +111,7 @@ def plan_for(adapter: AdapterFile, model, clip=None) -> dict[str, list[PatchTarg
 def _patches(adapter: AdapterFile, targets: list[PatchTarget]) -> dict:
     patches = {}
     for target in targets:
-        patch = SerialLoraWeightAdapter.from_pair(target.down, target.up, adapter.scale, source=adapter.path,
+        patch = SerialLoraWeightAdapter.from_pair(target.down, target.up, adapter.scaling, source=adapter.path,
                                                   whole=target.offset is None)
         patches[target.key if target.offset is None else (target.key, target.offset)] = patch
     return patches
@@ -98,31 +132,16 @@ def apply_serial_lora(adapter: AdapterFile, model, strength_model: float, clip=N
     return new_model, new_clip
 
 
-class SerialLoraLoaderModelOnly(io.ComfyNode):
-    """Load Serial LoRA (model only)."""
+def _lora_name_input(tooltip: str = "A Serial LoRA file (serial_loras or loras folder).") -> io.Combo.Input:
+    return io.Combo.Input("lora_name", options=adapter_names(), tooltip=tooltip)
 
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SerialLoraLoaderModelOnly",
-            display_name="Load Serial LoRA (model only)",
-            category=CATEGORY,
-            search_aliases=["serial lora", "load serial lora"],
-            description="Applies a Serial LoRA (one shared low-rank pair per attention stream, before q/k/v) "
-                        "to the diffusion model as weight patches.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model the Serial LoRA will be applied to."),
-                io.Combo.Input("lora_name", options=adapter_names(), tooltip="A Serial LoRA file (serial_loras or loras folder)."),
-                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
-                               tooltip="How strongly to modify the diffusion model. This value can be negative."),
-            ],
-            outputs=[io.Model.Output(tooltip="The modified diffusion model.")],
-        )
 
-    @classmethod
-    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
-        new_model, _ = apply_serial_lora(load_adapter(lora_name), model, strength_model)
-        return io.NodeOutput(new_model)
+def _strength_input(name: str, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=1.0, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
+
+
+MODEL_INPUT_TOOLTIP = "The diffusion model the Serial LoRA will be applied to."
+STRENGTH_MODEL_TOOLTIP = "How strongly to modify the diffusion model. This value can be negative."
 
 
 class SerialLoraLoader(io.ComfyNode):
@@ -134,23 +153,46 @@ class SerialLoraLoader(io.ComfyNode):
             node_id="SerialLoraLoader",
             display_name="Load Serial LoRA",
             category=CATEGORY,
-            search_aliases=["serial lora"],
-            description="Applies a Serial LoRA to the diffusion model and, for adapters that also carry "
-                        "text-encoder attention, to CLIP.",
+            search_aliases=["serial lora", "load serial lora", "lora"],
+            description="Applies a Serial LoRA (one shared low-rank pair per attention stream, before q/k/v) to the "
+                        "diffusion model and, for adapters that also carry text-encoder attention, to CLIP.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Combo.Input("lora_name", options=adapter_names()),
-                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
-                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Model.Input("model", tooltip=MODEL_INPUT_TOOLTIP),
+                io.Clip.Input("clip", tooltip="The CLIP model the Serial LoRA's text-encoder part will be applied to."),
+                _lora_name_input(),
+                _strength_input("strength_model", STRENGTH_MODEL_TOOLTIP),
+                _strength_input("strength_clip", "How strongly to modify the CLIP model. This value can be negative."),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output()],
+            outputs=[io.Model.Output(tooltip="The modified diffusion model."),
+                     io.Clip.Output(tooltip="The modified CLIP model.")],
         )
 
     @classmethod
     def execute(cls, model, clip, lora_name, strength_model, strength_clip) -> io.NodeOutput:
+        strength_model = finite_strength("strength_model", strength_model)
+        strength_clip = finite_strength("strength_clip", strength_clip)
         new_model, new_clip = apply_serial_lora(load_adapter(lora_name), model, strength_model, clip, strength_clip)
         return io.NodeOutput(new_model, new_clip)
+
+
+class SerialLoraLoaderModelOnly(SerialLoraLoader):
+    """Load Serial LoRA (model only)."""
+
+    @classmethod
+    def define_schema(cls):
+        schema = super().define_schema()
+        schema.node_id, schema.display_name = "SerialLoraLoaderModelOnly", "Load Serial LoRA (model only)"
+        schema.description = ("Applies a Serial LoRA (one shared low-rank pair per attention stream, before q/k/v) "
+                              "to the diffusion model as weight patches.")
+        schema.inputs = [i for i in schema.inputs if i.id not in ("clip", "strength_clip")]
+        schema.outputs = schema.outputs[:1]
+        return schema
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        strength_model = finite_strength("strength_model", strength_model)
+        new_model, _ = apply_serial_lora(load_adapter(lora_name), model, strength_model)
+        return io.NodeOutput(new_model)
 
 
 def current_weight(key_patches: dict, key: str) -> torch.Tensor:
@@ -188,12 +230,22 @@ def export_standard_lora(adapter: AdapterFile, model, strength: float, path: str
         whole = weights[target.key]
         for name, offset in target.projections:
             weight = whole.narrow(*offset) if offset is not None else whole
-            up = (strength * adapter.scale) * (weight @ target.up.float().to(weight.device))
-            pairs[name] = (target.down.float(), up)
+            pairs[name] = (target.down.float(), equivalent_up(weight, target.up, strength * adapter.scaling))
     pairs, prefix = _diffusers_names(pairs)
     save_standard_lora(pairs, path, prefix=prefix,
                        metadata={"exported_from_serial_lora": os.path.basename(adapter.path),
                                  "strength": repr(float(strength))})
+    return path
+
+
+def next_free_path(folder: str, filename_prefix: str) -> str:
+    """`<folder>/<prefix>_NNNNN_.safetensors` with the counter ComfyUI's own save nodes use
+    (`folder_paths.get_save_image_path`): one past the highest already there, never an existing file."""
+    full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+    path = os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
+    while os.path.lexists(path):  # e.g. a file named out of the counter's order
+        counter += 1
+        path = os.path.join(full_folder, f"{filename}_{counter:05}_.safetensors")
     return path
 
 
@@ -207,27 +259,30 @@ class SaveSerialLoraAsLora(io.ComfyNode):
             display_name="Save Serial LoRA as LoRA",
             category=CATEGORY,
             description="Exports a Serial LoRA as the exactly equivalent standard LoRA (about 4x larger, exact only for "
-                        "the weights this model has) into the loras folder, for the stock LoRA loader, diffusers and other tools.",
+                        "the weights this model has) into the loras folder as <filename_prefix>_00001_.safetensors "
+                        "(a new number each time, never overwriting), for the stock LoRA loader, diffusers and other tools.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the export is computed against: its weights, including LoRAs already applied to it."),
-                io.Combo.Input("lora_name", options=adapter_names()),
-                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
-                io.String.Input("filename", default="serial_lora_export", tooltip="File name in the loras folder."),
+                _lora_name_input(),
+                _strength_input("strength_model", STRENGTH_MODEL_TOOLTIP),
+                io.String.Input("filename_prefix", default="serial_lora_export",
+                                tooltip="Start of the file name in the loras folder; a counter is appended."),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, lora_name, strength_model, filename) -> io.NodeOutput:
-        stem = os.path.basename(filename.strip())
-        if not stem or stem != filename.strip() or stem in (".", ".."):
-            raise SerialLoraError(f"filename {filename!r} must be a plain file name (no folders), e.g. 'my_export'")
-        if not stem.endswith(".safetensors"):
-            stem += ".safetensors"
+    def execute(cls, model, lora_name, strength_model, filename_prefix) -> io.NodeOutput:
+        strength_model = finite_strength("strength_model", strength_model)
+        stem = filename_prefix.strip().removesuffix(".safetensors")
+        if not stem or os.path.basename(stem) != stem or stem in (".", "..") or "%" in stem:
+            raise SerialLoraError(f"filename_prefix {filename_prefix!r} must be a plain file name (no folders), "
+                                  "e.g. 'my_export'")
         folder = folder_paths.get_folder_paths("loras")[0]
-        export_standard_lora(load_adapter(lora_name), model, strength_model, os.path.join(folder, stem))
-        return io.NodeOutput(stem)
+        path = next_free_path(folder, stem)
+        export_standard_lora(load_adapter(lora_name), model, strength_model, path)
+        return io.NodeOutput(os.path.basename(path))
 
 
 class SerialLoraExtension(ComfyExtension):
@@ -235,4 +290,7 @@ class SerialLoraExtension(ComfyExtension):
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # The subclass first: ComfyUI's GET_SCHEMA (called in this order at registration) stores what it
+        # derives from a schema (output types, description) in class attributes the first time, and a
+        # subclass asked after its parent would find the parent's already there.
         return [SerialLoraLoaderModelOnly, SerialLoraLoader, SaveSerialLoraAsLora]

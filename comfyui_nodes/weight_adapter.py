@@ -17,13 +17,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import comfy.model_management
 from comfy.weight_adapter import WeightAdapterBase
 from serial_lora_core import SerialLoraError
+from serial_lora_core.formula import weight_delta
 
 
 class SerialLoraWeightAdapter(WeightAdapterBase):
-    """One stream's pair as a ComfyUI patch. `weights` = (down A: r x d, up B: d x r, scale s,
+    """One stream's pair as a ComfyUI patch. `weights` = (down A: r x d, up B: d x r, scaling s = alpha/r,
     source file name, whole): `whole` is False when the patch covers only some rows of a fused
     weight (then bypass mode, which sees the module's whole output, cannot apply it)."""
 
@@ -34,10 +34,10 @@ class SerialLoraWeightAdapter(WeightAdapterBase):
         self.weights = weights
 
     @classmethod
-    def from_pair(cls, down: torch.Tensor, up: torch.Tensor, scale: float, source: str = "",
+    def from_pair(cls, down: torch.Tensor, up: torch.Tensor, scaling: float, source: str = "",
                   whole: bool = True) -> "SerialLoraWeightAdapter":
         """The patch for one stream of a Serial LoRA file."""
-        return cls(set(), (down, up, float(scale), source, bool(whole)))
+        return cls(set(), (down, up, float(scaling), source, bool(whole)))
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale):
@@ -46,27 +46,24 @@ class SerialLoraWeightAdapter(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        down, up, scale, source = self.weights[:4]
+        down, up, scaling, source = self.weights[:4]
         if weight.dim() != 2 or weight.shape[1] != down.shape[1]:
             raise SerialLoraError(f"Serial LoRA {source!r} cannot patch {key!r}: weight shape {tuple(weight.shape)}, "
                                   f"adapter in_features {down.shape[1]}; the adapter is for another model")
-        down = comfy.model_management.cast_to_device(down, weight.device, intermediate_dtype)
-        up = comfy.model_management.cast_to_device(up, weight.device, intermediate_dtype)
-        base = weight.to(intermediate_dtype)
-        diff = (strength * scale) * torch.mm(torch.mm(base, up), down)
+        diff = weight_delta(weight, down, up, strength * scaling, dtype=intermediate_dtype)
         weight += function(diff.type(weight.dtype))
         return weight
 
     def bypass_forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Bypass mode: W (x + m·s·B A x) + b = (W + m·s·W B A) x + b, exact without reading W."""
-        down, up, scale, source, whole = self.weights[:5]
+        down, up, scaling, source, whole = self.weights[:5]
         if not whole:
             raise SerialLoraError(
                 f"Serial LoRA {source!r}: this patch covers only some rows of a fused weight, which bypass mode cannot "
                 "apply (it sees the whole module output); load this adapter without bypass")
         down = down.to(device=x.device, dtype=x.dtype)
         up = up.to(device=x.device, dtype=x.dtype)
-        adapted = x + (getattr(self, "multiplier", 1.0) * scale) * F.linear(F.linear(x, down), up)
+        adapted = x + (getattr(self, "multiplier", 1.0) * scaling) * F.linear(F.linear(x, down), up)
         return org_forward(adapted, *args, **kwargs)
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

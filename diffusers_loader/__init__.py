@@ -7,7 +7,8 @@
     pipe.set_serial_lora_adapters(["style", "subject"], [1.0, 0.5])
     pipe.fuse_serial_lora(); pipe.unfuse_serial_lora()   # unfuse restores the weights bit for bit
     pipe.unload_serial_lora_weights()
-    export_to_lora(pipe, "lora.safetensors")         # exact standard LoRA for stock load_lora_weights
+    export_to_lora(pipe, "lora.safetensors")         # exact standard LoRA for stock load_lora_weights (the
+                                                     # only adapter, or the active ones combined)
 
 The import is the opt-in: it adds the `SerialLoraLoaderMixin` methods to diffusers' `SD3LoraLoaderMixin`
 (so every SD3 pipeline: text-to-image, img2img, inpaint, ControlNet, PAG), the

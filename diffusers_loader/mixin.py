@@ -72,7 +72,8 @@ class SerialLoraLoaderMixin:
             path_or_repo_id: a local .safetensors file, a local folder, or a hub repo id (downloaded and
                 cached by huggingface_hub).
             weight_name: the file inside the folder or repo (default `serial_lora_weights.safetensors`).
-            adapter_name: name for `set_serial_lora_adapters` (default "default", then "default_1", ...).
+            adapter_name: name for `set_serial_lora_adapters` (default "default", then "default_1", ...; a
+                generated name is never one in use).
             hotswap: replace the weights of the already loaded `adapter_name` in place.
             hub_kwargs: subfolder, revision, cache_dir, token, local_files_only, force_download, ...
 

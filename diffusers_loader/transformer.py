@@ -10,8 +10,10 @@ processors (after `fuse_qkv_projections()`) call `to_qkv`/`to_added_qkv` instead
 
 from __future__ import annotations
 
+import math
 import os
 
+import torch
 from torch import nn
 
 from serial_lora_core import (
@@ -124,6 +126,17 @@ def add_serial_lora(transformer: nn.Module, config: SerialLoraConfig | None = No
         raise
 
 
+def fresh_adapter_name(known: list[str]) -> str:
+    """"default", else "default_N" for the first N >= len(known) not in use: never a loaded adapter's name
+    (after unloading "default_1" of three, len(known) is 2 and "default_2" is still there)."""
+    if DEFAULT_ADAPTER not in known:
+        return DEFAULT_ADAPTER
+    n = len(known)
+    while f"{DEFAULT_ADAPTER}_{n}" in known:
+        n += 1
+    return f"{DEFAULT_ADAPTER}_{n}"
+
+
 def load_into_transformer(transformer: nn.Module, path_or_repo_id: str | os.PathLike, weight_name: str | None = None,
                           adapter_name: str | None = None, hotswap: bool = False, **hub_kwargs) -> AdapterFile:
     """Load an adapter file (local file/folder or hub repo id) as `adapter_name` (default: a fresh name).
@@ -133,7 +146,7 @@ def load_into_transformer(transformer: nn.Module, path_or_repo_id: str | os.Path
     """
     known = adapter_names(transformer)
     if adapter_name is None:
-        adapter_name = DEFAULT_ADAPTER if DEFAULT_ADAPTER not in known else f"default_{len(known)}"
+        adapter_name = fresh_adapter_name(known)
     elif adapter_name in known and not hotswap:
         raise SerialLoraError(f"adapter_name {adapter_name!r} is already loaded ({known}); pick another name, "
                               "unload it first, or pass hotswap=True to replace its weights")
@@ -148,22 +161,45 @@ def load_into_transformer(transformer: nn.Module, path_or_repo_id: str | os.Path
         raise
 
 
-def set_adapters(transformer: nn.Module, adapter_names_: str | list[str], weights: float | list[float] | None = None) -> None:
-    """Activate these adapters with these strengths (diffusers' `set_adapters`); the others get 0."""
-    names = [adapter_names_] if isinstance(adapter_names_, str) else list(adapter_names_)
+def _strengths(names: list[str], weights: float | list[float] | None) -> list[float]:
+    """One finite float per adapter name, checked before anything is applied."""
     if weights is None:
         weights = [1.0] * len(names)
-    elif isinstance(weights, (int, float)):
-        weights = [float(weights)] * len(names)
+    elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = [weights] * len(names)
+    elif isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise TypeError(f"adapter_weights must be a number or a list of numbers, got {type(weights).__name__}")
     if len(weights) != len(names):
         raise SerialLoraError(f"got {len(names)} adapter names and {len(weights)} weights; pass one weight per adapter")
+    largest = torch.finfo(torch.float32).max  # the adapters compute in float32 or narrower
+    for name, weight in zip(names, weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"the weight of adapter {name!r} must be a number, got {type(weight).__name__} ({weight!r})")
+        if not math.isfinite(weight) or abs(weight) > largest:
+            raise ValueError(f"the weight of adapter {name!r} is {weight!r}; pass a finite number (e.g. 0.0 to 1.0)")
+    return [float(w) for w in weights]
+
+
+def set_adapters(transformer: nn.Module, adapter_names_: str | list[str], weights: float | list[float] | None = None) -> None:
+    """Activate these adapters with these strengths (diffusers' `set_adapters`); the others get 0.
+
+    Everything (names, weights, the fused state) is checked first: a refused call changes nothing.
+    """
+    if isinstance(adapter_names_, str):
+        names = [adapter_names_]
+    elif isinstance(adapter_names_, (list, tuple)) and all(isinstance(n, str) for n in adapter_names_):
+        names = list(adapter_names_)
+    else:
+        raise TypeError(f"adapter_names must be a name or a list of names, got {adapter_names_!r}")
+    strengths = dict(zip(names, _strengths(names, weights)))
     known = adapter_names(transformer)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SerialLoraError(f"unknown Serial LoRA adapter(s) {unknown}; loaded: {known}")
+    if len(strengths) != len(names):
+        raise SerialLoraError(f"adapter_names {names} name an adapter twice; pass each adapter once")
     if is_merged(transformer):
         raise SerialLoraError("the Serial LoRA is fused; call unfuse_serial_lora() before changing the adapters' weights")
-    strengths = dict(zip(names, weights))
     for name in known:
         set_serial_lora_scale(transformer, strengths.get(name, 0.0), adapter_name=name)
 
@@ -193,5 +229,5 @@ def has_serial_lora(transformer: nn.Module) -> bool:
     return next(serial_lora_modules(transformer), None) is not None
 
 
-__all__ = ["add_serial_lora", "architecture_name", "check_transformer", "fuse", "has_serial_lora", "is_merged",
+__all__ = ["add_serial_lora", "architecture_name", "check_transformer", "fresh_adapter_name", "fuse", "has_serial_lora", "is_merged",
            "load_into_transformer", "set_adapters", "unfuse", "unload"]

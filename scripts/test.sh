@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite, offline, on the CPU.
+# Set up everything the tests need (every extra, test tools, ComfyUI, Chromium; idempotent), then run
+# the test suite offline on the CPU. Arguments go to pytest (e.g. tests/test_core_merge.py -k unmerge).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+bash scripts/setup.sh test
+exec "${SERIAL_LORA_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -8,12 +8,29 @@ modules with `AttentionHost` and call `inject_serial_lora` / `load_serial_lora`.
 
 from .adapter import StreamAdapter
 from .attention import SerialLoraAttention
-from .config import SerialLoraConfig
+from .config import SerialLoraConfig, check_scale
 from .errors import SerialLoraError, SerialLoraFileError
 from .export import equivalent_lora, model_equivalent_lora, open_base_weights, save_standard_lora
-from .files import ARCHITECTURE_ATTRIBUTE, load_serial_lora, model_architecture, save_serial_lora, serial_lora_state_dict
-from .format import FORMAT_NAME, FORMAT_VERSION, AdapterFile, read_file
-from .hosts import FUSED_QKV, JOINT_QKV, SPLIT_QKV, AttentionHost, StreamSpec, register_host, registered_hosts
+from .files import (
+    ARCHITECTURE_ATTRIBUTE,
+    load_serial_lora,
+    model_architecture,
+    resolve_projections,
+    save_serial_lora,
+    serial_lora_state_dict,
+)
+from .format import FORMAT_NAME, FORMAT_VERSION, AdapterFile, atomic_write, read_file
+from .hosts import (
+    FUSED_QKV,
+    JOINT_QKV,
+    SPLIT_QKV,
+    AttentionHost,
+    StreamSpec,
+    register_host,
+    registered,
+    registered_hosts,
+    unregister_host,
+)
 from .inject import (
     DEFAULT_ADAPTER,
     adapter_config,
@@ -22,6 +39,7 @@ from .inject import (
     disable_serial_lora,
     enable_serial_lora,
     find_attention_modules,
+    find_wrapped_projections,
     inject_serial_lora,
     is_merged,
     merge_and_unload_serial_lora,
@@ -30,10 +48,10 @@ from .inject import (
     serial_lora_modules,
     set_serial_lora_scale,
     unmerge_serial_lora,
+    unwrap_model,
 )
 from .training import count_trainable_parameters, loraplus_param_groups, serial_lora_parameters
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ARCHITECTURE_ATTRIBUTE",
@@ -53,6 +71,8 @@ __all__ = [
     "StreamAdapter",
     "StreamSpec",
     "adapter_config",
+    "atomic_write",
+    "check_scale",
     "adapter_names",
     "count_trainable_parameters",
     "delete_serial_lora_adapter",
@@ -60,6 +80,7 @@ __all__ = [
     "enable_serial_lora",
     "equivalent_lora",
     "find_attention_modules",
+    "find_wrapped_projections",
     "inject_serial_lora",
     "is_merged",
     "load_serial_lora",
@@ -70,8 +91,10 @@ __all__ = [
     "open_base_weights",
     "read_file",
     "register_host",
+    "registered",
     "registered_hosts",
     "remove_serial_lora",
+    "resolve_projections",
     "save_serial_lora",
     "save_standard_lora",
     "serial_lora_modules",
@@ -79,4 +102,6 @@ __all__ = [
     "serial_lora_state_dict",
     "set_serial_lora_scale",
     "unmerge_serial_lora",
+    "unregister_host",
+    "unwrap_model",
 ]

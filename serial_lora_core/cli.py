@@ -5,47 +5,71 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 
+from .config import check_scale
 from .errors import SerialLoraError
-from .export import equivalent_lora, open_base_weights, save_standard_lora
-from .format import read_file
+from .export import default_prefix, equivalent_lora, open_base_weights, save_standard_lora
+from .files import resolve_projections
+from .format import FORMAT_FIELD, read_file
+from .version import __version__
+
+
+def printable(text: object) -> str:
+    """`text` with every control/format character escaped (\\x1b, \\x07, \\u202e, ...): untrusted
+    metadata never reaches the terminal as an escape sequence."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn")
+        else ch
+        for ch in str(text)
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
     adapter = read_file(args.file)
-    meta = adapter.metadata
     summary = {
         "file": args.file,
-        "format": meta["format"],
-        "format_version": int(meta["format_version"]),
+        "format": adapter.metadata[FORMAT_FIELD],
+        "format_version": adapter.format_version,
         "rank": adapter.rank,
         "alpha": adapter.alpha,
         "use_rslora": adapter.use_rslora,
-        "scale": adapter.scale,
-        "streams": adapter.streams,
-        "hosts": json.loads(meta.get("hosts", "[]")),
+        "scaling": adapter.scaling,
+        "dropout": adapter.dropout,
+        # What each stream adapts, by the rule every loader uses (no model here: the file's own claim,
+        # already checked never to name an output projection).
+        "streams": {stream: list(resolve_projections(adapter, attention, stream))
+                    for attention, stream in sorted(adapter.weights)},
+        "hosts": list(adapter.hosts),
         "adapted_attention_modules": len(adapter.attentions),
+        "model_attention_modules": adapter.model_attention_modules,
         "parameters": adapter.num_parameters,
+        "modules_to_save": list(adapter.info.modules_to_save),
         "architecture": adapter.architecture,
-        "base_model": meta.get("base_model", ""),
-        "dtype": meta.get("dtype", ""),
-        "created_by": meta.get("created_by", ""),
+        "base_model": adapter.base_model,
+        "dtype": adapter.info.dtype or "",
+        "created_by": adapter.info.created_by,
+        "export_prefix": default_prefix(adapter),
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, ensure_ascii=True))  # escapes every control character
     else:
         width = max(len(k) for k in summary)
         for key, value in summary.items():
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {printable(value)}")
     return 0
 
 
 def _export_lora(args: argparse.Namespace) -> int:
+    try:
+        scale = check_scale(args.scale, "--scale")
+    except ValueError as err:
+        raise SerialLoraError(str(err)) from None
     adapter = read_file(args.input)
-    base = open_base_weights(args.base, subfolder=args.subfolder)
-    pairs = equivalent_lora(adapter, base, scale=args.scale)
-    save_standard_lora(pairs, args.output, prefix=args.prefix)
-    print(f"wrote {args.output}: {len(pairs)} projections, rank {adapter.rank} "
+    prefix = default_prefix(adapter) if args.prefix is None else args.prefix
+    pairs = equivalent_lora(adapter, open_base_weights(args.base, subfolder=args.subfolder), scale=scale)
+    save_standard_lora(pairs, args.output, prefix=prefix)
+    print(f"wrote {printable(args.output)}: {len(pairs)} projections, rank {adapter.rank}, key prefix {prefix!r} "
           f"({sum(a.numel() + b.numel() for a, b in pairs.values()):,} parameters, "
           f"{adapter.num_parameters:,} in the Serial LoRA)")
     return 0
@@ -53,6 +77,7 @@ def _export_lora(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serial-lora", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"serial-lora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="show what a Serial LoRA file contains")
@@ -70,11 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base weights: a .safetensors file, a model or pipeline folder, or a hub repo id")
     export.add_argument("--subfolder", default="transformer",
                         help="subfolder of a pipeline folder/repo holding the model (default: transformer)")
-    export.add_argument("--prefix", default="transformer.",
-                        help="key prefix of the output, 'transformer.' for diffusers pipelines (default); '' for a bare model")
+    export.add_argument("--prefix", default=None,
+                        help="key prefix of the output (default: from the file: 'transformer.' for diffusers "
+                             "transformers, '' for timm and other bare models)")
     export.add_argument("--scale", type=float, default=1.0, help="strength baked into the export (default 1)")
     export.set_defaults(run=_export_lora)
+    _add_trainer_commands(commands)
     return parser
+
+
+def _add_trainer_commands(commands: argparse._SubParsersAction) -> None:
+    """`train-*` and `analyze` come from the optional `serial_lora_train` package, when it is installed."""
+    try:
+        from serial_lora_train.cli import add_commands  # lazy: the core itself imports only torch/safetensors
+    except ModuleNotFoundError as err:
+        if err.name in ("serial_lora_train", "serial_lora_train.cli"):
+            return
+        raise
+    add_commands(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except SerialLoraError as err:
-        print(f"serial-lora: error: {err}", file=sys.stderr)
+        print(f"serial-lora: error: {printable(err)}", file=sys.stderr)
         return 2
 
 

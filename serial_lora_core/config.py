@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
+
+from .errors import SerialLoraError
+from .formula import scaling as scaling_rule
 
 InitMethod = Literal["kaiming", "gaussian"]
 
@@ -30,6 +34,36 @@ def dtype_from_name(name: str | torch.dtype | None, argument: str = "dtype") -> 
     return _DTYPES[key]
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""Adapters compute in float32 at least: a factor beyond this overflows at the first forward."""
+
+
+def check_scale(value: object, argument: str = "scale") -> float:
+    """`value` as a float if it is a finite real number within float32's range, else a clear error.
+
+    The one check for every strength/scaling the user or a file gives (`scale`, `--scale`, alpha/r):
+    NaN, inf and values like 1e300 are refused up front instead of crashing the first forward.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argument} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{argument}={shown} is not a finite float32 number (|value| <= {FLOAT32_MAX:.3g}); "
+                         "pass a finite value such as 1.0")
+    return number
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """`adapter_name` if it is a Python identifier (it becomes a module attribute), else a clear error."""
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise SerialLoraError(f"adapter_name must be a Python identifier such as 'default', got {adapter_name!r}")
+    return adapter_name
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16 (the spelling used in file metadata)."""
     return str(dtype).removeprefix("torch.")
@@ -41,10 +75,10 @@ class SerialLoraConfig:
 
     Args:
         rank: rank r of each stream's shared pair (down: r x d, up: d x r).
-        alpha: scale numerator; the adapter is scaled by alpha/r (alpha/sqrt(r) with `use_rslora`).
-            Defaults to `rank`, i.e. a scale of 1.
+        alpha: scaling numerator; the adapter is scaled by alpha/r (alpha/sqrt(r) with `use_rslora`).
+            Defaults to `rank`, i.e. a scaling of 1.
         dropout: dropout probability on the adapter's input, as in LoRA (training only).
-        use_rslora: use the rank-stabilised scale alpha/sqrt(r).
+        use_rslora: use the rank-stabilised scaling alpha/sqrt(r).
         init: initialisation of `down` (A): "kaiming" (uniform, as PEFT's LoRA) or "gaussian"
             (normal with std 1/r). `up` (B) always starts at zero, so a new adapter is the identity.
         target_modules: regular expression(s) on module names (`re.search`) selecting the attention
@@ -76,7 +110,10 @@ class SerialLoraConfig:
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha}")
         self.alpha = float(self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if abs(self.scaling) > FLOAT32_MAX:
+            raise ValueError(f"alpha={self.alpha!r} gives a scaling alpha/r of {self.scaling:.3g}, beyond float32 "
+                             f"(max {FLOAT32_MAX:.3g}); use a smaller alpha")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
@@ -97,9 +134,9 @@ class SerialLoraConfig:
                 raise ValueError("streams must name at least one stream, or be None for all of them")
 
     @property
-    def scale(self) -> float:
-        """The adapter's scale s: alpha/r, or alpha/sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+    def scaling(self) -> float:
+        """The adapter's scaling s: alpha/r, or alpha/sqrt(r) with rsLoRA (as PEFT's `scaling`)."""
+        return scaling_rule(self.alpha, self.rank, self.use_rslora)
 
     def targets(self, module_name: str) -> bool:
         """Whether the attention module called `module_name` is selected by `target_modules`."""

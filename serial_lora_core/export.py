@@ -1,8 +1,8 @@
 """Exact export of a Serial LoRA to a standard (PEFT/diffusers-format) LoRA.
 
-W + s·(W B) A is a plain rank-r LoRA per projection: down = A, up = s·W B. The exported file
-is 4x larger (q, k, v each get their own up; fused qkv gets one 3d x r up) and is exact only
-for the base weights W it was computed against.
+W + s·(W B) A is a plain rank-r LoRA per projection: down = A, up = s·W B (`formula.equivalent_up`).
+The exported file is 4x larger (q, k, v each get their own up; fused qkv gets one 3d x r up) and is
+exact only for the base weights W it was computed against.
 """
 
 from __future__ import annotations
@@ -15,14 +15,33 @@ from typing import Callable, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from torch import nn
 
+from .config import check_scale
 from .errors import SerialLoraError, SerialLoraFileError
-from .format import AdapterFile
-from .inject import DEFAULT_ADAPTER, is_merged, serial_lora_modules
+from .files import resolve_projections
+from .format import MODULES_TO_SAVE, AdapterFile, atomic_write
+from .formula import equivalent_up
+from .hosts import JOINT_QKV
+from .inject import DEFAULT_ADAPTER, is_merged, serial_lora_modules, unwrap_model
 
 WeightLookup = Callable[[str], torch.Tensor]
+
+DIFFUSERS_PREFIX = "transformer."
+"""Key prefix of a diffusers pipeline's transformer LoRA (what `pipe.load_lora_weights` expects)."""
+
+
+def default_prefix(adapter: AdapterFile) -> str:
+    """The key prefix an export of `adapter` gets: `transformer.` when the file was trained on a
+    diffusers transformer (its `hosts` metadata names diffusers' attention layout, `joint_qkv`), else
+    none (timm, transformers and other bare models load LoRA keys relative to the model)."""
+    return DIFFUSERS_PREFIX if JOINT_QKV.name in adapter.hosts else ""
+
+
+def _export_factor(scale: float, scaling: float) -> float:
+    """scale x scaling, both checked: the factor baked into every exported `up`."""
+    scale = check_scale(scale, "scale")
+    return check_scale(scale * scaling, f"scale x scaling ({scale!r} x {scaling!r})")
 
 
 def equivalent_lora(
@@ -33,12 +52,18 @@ def equivalent_lora(
     """projection path -> (down = A, up = scale·s·W B), computed in float32.
 
     `base_weight(name)` (or a mapping) gives the base weight `<attention>.<projection>.weight`.
+    The projections are the file's (`files.resolve_projections` without a model); each must exist
+    in the base weights with the adapter's input width.
     """
+    if adapter.modules_to_save:
+        raise SerialLoraError(f"{adapter.path} also stores whole modules ({MODULES_TO_SAVE} "
+                              f"{list(adapter.info.modules_to_save)}), which a standard LoRA cannot hold; load it with "
+                              "load_serial_lora() instead, or merge_and_unload_serial_lora() and save the model")
+    factor = _export_factor(scale, adapter.scaling)
     lookup = base_weight.__getitem__ if isinstance(base_weight, Mapping) else base_weight
-    streams = adapter.streams
     pairs = {}
     for (attention, stream), pair in adapter.weights.items():
-        for projection in streams[stream]:
+        for projection in resolve_projections(adapter, attention, stream):
             path = f"{attention}.{projection}" if attention else projection
             try:
                 weight = lookup(f"{path}.weight")
@@ -48,18 +73,19 @@ def equivalent_lora(
             if weight.dim() != 2 or weight.shape[1] != pair.down.shape[1]:
                 raise SerialLoraError(f"base weight {path + '.weight'!r} has shape {tuple(weight.shape)}, but the adapter "
                                       f"expects in_features {pair.down.shape[1]}; pass the matching base model")
-            up = (scale * adapter.scale) * (weight.float() @ pair.up.float())
-            pairs[path] = (pair.down.float(), up)
+            pairs[path] = (pair.down.float(), equivalent_up(weight, pair.up, factor))
     return pairs
 
 
 def model_equivalent_lora(
     model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, scale: float = 1.0
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Like `equivalent_lora`, from an adapted model: projection path -> (A, scale·s·w·W B).
+    """Like `equivalent_lora`, from an adapted model: projection path -> (A, scale·s·m·W B).
 
-    Uses the adapter's current strength `w`; the model must not be merged (W must be the base weight).
+    Uses the adapter's current scale `m`; the model must not be merged (W must be the base weight).
     """
+    model = unwrap_model(model)
+    scale = check_scale(scale, "scale")
     if is_merged(model):
         raise SerialLoraError("the model is merged; call unmerge_serial_lora() first so W is the base weight")
     pairs = {}
@@ -67,9 +93,9 @@ def model_equivalent_lora(
         if adapter_name not in module:
             continue
         for stream, adapter in module[adapter_name].items():
+            factor = check_scale(scale * adapter.factor, "scale x scaling")
             for projection in module.stream_specs[stream].projections:
-                weight = module.projection(projection).weight.detach().float()
-                up = (scale * adapter.scale * adapter.weight) * (weight @ adapter.up.weight.detach().float().to(weight.device))
+                up = equivalent_up(module.projection(projection).weight, adapter.up.weight, factor)
                 pairs[f"{attention}.{projection}" if attention else projection] = (adapter.down.weight.detach().float(), up)
     if not pairs:
         raise SerialLoraError(f"{type(model).__name__} has no Serial LoRA adapter named {adapter_name!r} to export")
@@ -102,16 +128,7 @@ def save_standard_lora(
     meta = {"format": "pt", "lora_rank": str(rank), "lora_alpha": str(rank), "exported_from": "serial_lora",
             "lora_adapter_metadata": json.dumps({f"{prefix}{k}": v for k, v in peft_config.items()}, sort_keys=True)}
     meta.update(metadata or {})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -122,18 +139,39 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def is_hub_repo_id(source: str | os.PathLike) -> bool:
+    """Whether `source` (which is not an existing path) reads as a Hugging Face hub id `owner/name`.
+
+    The one rule for every loader that accepts "a path or a hub id"."""
+    text = os.fspath(source)
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1 and not text.endswith(
+        (".safetensors", ".bin", ".pt", ".ckpt"))
+
+
+def _download(source: str, subfolder: str | None) -> Path:
+    """A hub repo's safetensors weights (and configs) in the local cache; one clear line when that fails."""
+    from huggingface_hub import snapshot_download
+
+    pattern = f"{subfolder}/*" if subfolder else "*"
+    try:
+        return Path(snapshot_download(source, allow_patterns=[f"{pattern}.safetensors", f"{pattern}.json"]))
+    except Exception as err:  # offline, unknown repo, gated, network: huggingface_hub has many error types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SerialLoraFileError(
+            f"could not get base model {source!r} from the Hugging Face hub ({type(err).__name__}: {reason[:200]}); "
+            "pass a local .safetensors file or model folder instead, or, offline, set HF_HUB_OFFLINE=1 with the "
+            "model already in the hub cache") from None
+
+
 def open_base_weights(source: str | os.PathLike, subfolder: str | None = None) -> WeightLookup:
     """A lookup of base weights by name, from a .safetensors file, a model folder (sharded or not),
     a pipeline folder (with `subfolder`, e.g. "transformer"), or a hub repo id (downloaded and cached
     by huggingface_hub; only safetensors files are fetched)."""
     path = Path(source)
     if not path.exists():
-        if str(source).startswith((".", "/")) or str(source).count("/") != 1:
+        if not is_hub_repo_id(source):
             raise SerialLoraFileError(f"base model {str(source)!r} is neither a file, a folder nor a hub repo id")
-        from huggingface_hub import snapshot_download
-
-        pattern = f"{subfolder}/*" if subfolder else "*"
-        path = Path(snapshot_download(str(source), allow_patterns=[f"{pattern}.safetensors", f"{pattern}.json"]))
+        path = _download(str(source), subfolder)
     if path.is_dir():
         folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
         files = _safetensors_files(folder)
@@ -143,8 +181,12 @@ def open_base_weights(source: str | os.PathLike, subfolder: str | None = None) -
         raise SerialLoraFileError(f"no .safetensors weights in {str(path)!r}; pass the base model's weights file or folder")
     where: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), file))
+        try:
+            with safe_open(file, framework="pt") as handle:
+                where.update(dict.fromkeys(handle.keys(), file))
+        except Exception as err:  # safetensors' own error types
+            raise SerialLoraFileError(f"base weights {str(file)!r} are not a readable safetensors file "
+                                      f"({type(err).__name__}: {err})") from None
 
     def lookup(name: str) -> torch.Tensor:
         if name not in where:

@@ -12,8 +12,11 @@ optionally class names), so supporting a new model family is one `register_host(
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from torch import nn
 
@@ -84,6 +87,39 @@ def _not_cross_attention(module: nn.Module) -> bool:
     return not getattr(module, "is_cross_attention", False)
 
 
+KEY_VALUE_ARGUMENTS = frozenset({
+    "key", "value", "keys", "values", "key_value_states", "kv_states", "kv", "k_x", "v_x",
+    "encoder_hidden_states", "cross_attention_states", "context", "memory",
+})
+"""`forward` argument names that carry a key/value input separate from the query input
+(SAM's `SamAttention(query, key, value)`, BART's `key_value_states`, BERT's `encoder_hidden_states`,
+open_clip's `k_x`/`v_x`, the usual `context`)."""
+
+
+@functools.cache
+def _forward_takes_key_value(cls: type) -> bool:
+    try:
+        parameters = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: assume the worst
+        return True
+    return any(name in KEY_VALUE_ARGUMENTS for name in parameters)
+
+
+def reads_separate_inputs(module: nn.Module) -> bool:
+    """Whether q, k and v of `module` may read different tensors (so it is not one input stream).
+
+    True for modules flagged `is_cross_attention` and for modules whose `forward` takes a separate
+    key/value input (`KEY_VALUE_ARGUMENTS`), even when a given call passes the same tensor: a host
+    that knows which argument feeds which projection must describe such a module explicitly,
+    one stream per distinct input.
+    """
+    return bool(getattr(module, "is_cross_attention", False)) or _forward_takes_key_value(type(module))
+
+
+def _reads_one_input(module: nn.Module) -> bool:
+    return not reads_separate_inputs(module)
+
+
 FUSED_QKV = AttentionHost(
     name="fused_qkv",
     streams={"input": StreamSpec(projections=("qkv",))},
@@ -93,9 +129,11 @@ FUSED_QKV = AttentionHost(
 SPLIT_QKV = AttentionHost(
     name="split_qkv",
     streams={"input": StreamSpec(projections=("q_proj", "k_proj", "v_proj"))},
-    condition=_not_cross_attention,
+    condition=_reads_one_input,
 )
-"""Separate q/k/v layers: Hugging Face CLIP, EVA-style attention."""
+"""Separate q/k/v layers reading one input: Hugging Face CLIP, EVA-style attention. Never a module whose
+projections may read different tensors (`reads_separate_inputs`): SAM's mask-decoder attention or any
+cross-attention is one stream per input, which only an explicit host can describe."""
 
 JOINT_QKV = AttentionHost(
     name="joint_qkv",
@@ -113,7 +151,8 @@ _HOSTS: list[AttentionHost] = [FUSED_QKV, SPLIT_QKV, JOINT_QKV]
 def register_host(host: AttentionHost) -> AttentionHost:
     """Add `host`, tried before the ones already known (so a specific description wins over a generic one).
 
-    Registering a host with a name already known replaces it.
+    Registering a host with a name already known replaces it. For a temporary registration (tests,
+    one-off models) use `with registered(host): ...`.
     """
     if not isinstance(host, AttentionHost):
         raise TypeError(f"register_host expects an AttentionHost, got {type(host).__name__}")
@@ -122,20 +161,30 @@ def register_host(host: AttentionHost) -> AttentionHost:
     return host
 
 
+def unregister_host(name: str) -> AttentionHost:
+    """Remove the host called `name` and return it; an unknown name is an error listing the known ones."""
+    for index, host in enumerate(_HOSTS):
+        if host.name == name:
+            return _HOSTS.pop(index)
+    raise SerialLoraError(f"no attention host named {name!r} is registered; known: {[h.name for h in _HOSTS]}")
+
+
+@contextlib.contextmanager
+def registered(*hosts: AttentionHost) -> Iterator[tuple[AttentionHost, ...]]:
+    """Register `hosts` for the duration of a `with` block, then restore the registry exactly as it was
+    (a host they replaced by name comes back in its place)."""
+    saved = list(_HOSTS)
+    try:
+        for host in hosts:
+            register_host(host)
+        yield hosts
+    finally:
+        _HOSTS[:] = saved
+
+
 def registered_hosts() -> tuple[AttentionHost, ...]:
     """The known hosts, in the order they are tried."""
     return tuple(_HOSTS)
-
-
-def host_by_name(name: str) -> AttentionHost:
-    """The registered host called `name`."""
-    for host in _HOSTS:
-        if host.name == name:
-            return host
-    raise SerialLoraError(
-        f"unknown attention host {name!r}; known: {[h.name for h in _HOSTS]}. "
-        "Import the integration that registers it (e.g. timm_plugin, diffusers_loader)."
-    )
 
 
 def match_host(module: nn.Module) -> tuple[AttentionHost, dict[str, StreamSpec]] | None:

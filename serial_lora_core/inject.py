@@ -2,22 +2,90 @@
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 from torch import nn
 
-from .attention import ATTRIBUTE, SerialLoraAttention
-from .config import SerialLoraConfig
+from .attention import ATTRIBUTE, SerialLoraAttention, check_untied
+from .config import SerialLoraConfig, check_adapter_name, check_scale
 from .errors import SerialLoraError
-from .hosts import match_host, registered_hosts
+from .hosts import get_submodule, match_host, registered_hosts
 
 DEFAULT_ADAPTER = "default"
 
 
-def _check_adapter_name(adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise SerialLoraError(f"adapter_name must be a Python identifier such as 'default', got {adapter_name!r}")
+# Wrappers that hold the model as a child: (class name, attribute). torch.compile's OptimizedModule,
+# DataParallel and DistributedDataParallel (also what accelerate's `prepare` returns), FSDP (1),
+# DeepSpeed's engine (accelerate with DeepSpeed). FSDP2's `fully_shard` works in place: nothing to unwrap.
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",
+    "DataParallel": "module",
+    "DistributedDataParallel": "module",
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",
+    "DeepSpeedEngine": "module",
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside the wrappers compilation and distributed training put around it.
+
+    Unwraps `torch.compile`, `nn.DataParallel`, `DistributedDataParallel`, FSDP and DeepSpeed's engine
+    (nested in any order), so that files record the plain model's keys and architecture and load into
+    it. A model that is not wrapped is returned as it is.
+    """
+    for _ in range(16):  # a bound, in case a wrapper ever contains itself
+        attribute = next((a for cls in type(model).__mro__ for n, a in _WRAPPERS.items() if cls.__name__ == n), None)
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _wraps_a_linear(layer: nn.Module | None) -> bool:
+    return layer is not None and isinstance(layer._modules.get("base_layer"), nn.Linear)
+
+
+def find_wrapped_projections(model: nn.Module) -> list[str]:
+    """q/k/v projections of attention modules that another adapter library has wrapped.
+
+    PEFT's LoRA layers (and others following its convention) replace an `nn.Linear` by a module keeping
+    the original as `base_layer`. Such an attention is no longer recognised by its host, so injecting
+    would silently skip it. Returns the wrapped projections' names.
+    """
+    if not any(_wraps_a_linear(m) for m in model.modules()):
+        return []
+    found = []
+    for name, module in model.named_modules():
+        for host in registered_hosts():
+            if host.class_names and type(module).__name__ not in host.class_names:
+                continue
+            if host.condition is not None and not host.condition(module):
+                continue
+            for spec in host.streams.values():
+                layers = {path: get_submodule(module, path) for path in spec.projections}
+                wrapped = [path for path, layer in layers.items() if _wraps_a_linear(layer)]
+                if wrapped and all(isinstance(layers[p], nn.Linear) for p in layers if p not in wrapped):
+                    found.extend(f"{name}.{path}" if name else path for path in wrapped)
+    return list(dict.fromkeys(found))
+
+
+def _check_projections_not_shared(found: dict[str, tuple[nn.Module, object, dict]]) -> None:
+    """Refuse one projection layer shared by two attention modules or two streams: its pre-hook can
+    apply only one stream's adapters."""
+    owners: dict[int, tuple[str, str, str]] = {}  # id(layer) -> (attention, stream, its name)
+    for name, (module, _, streams) in found.items():
+        for stream, spec in streams.items():
+            for path in spec.projections:
+                layer = get_submodule(module, path)
+                where = f"{name}.{path}" if name else path
+                other = owners.setdefault(id(layer), (name, stream, where))
+                if other[:2] != (name, stream):
+                    raise SerialLoraError(
+                        f"{where!r} is the same layer as {other[2]!r}: one nn.Linear shared by two attention modules "
+                        "or streams cannot carry a separate Serial LoRA for each; give each attention its own layer "
+                        "(the model was not changed)"
+                    )
 
 
 def find_attention_modules(model: nn.Module, config: SerialLoraConfig) -> dict[str, tuple[nn.Module, object, dict]]:
@@ -73,7 +141,15 @@ def inject_serial_lora(
     config = config or SerialLoraConfig()
     if not isinstance(config, SerialLoraConfig):
         raise TypeError(f"config must be a SerialLoraConfig, got {type(config).__name__}")
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
+    wrapped_projections = find_wrapped_projections(model)
+    if wrapped_projections:
+        raise SerialLoraError(
+            f"cannot inject Serial LoRA: {len(wrapped_projections)} attention projection(s) are wrapped by another "
+            f"adapter (PEFT LoRA), e.g. {wrapped_projections[:4]}; those attention modules would be silently skipped. "
+            "Merge the PEFT LoRA into the weights first (peft_model.merge_and_unload()), or inject Serial LoRA "
+            "before adding the PEFT LoRA. The model was not changed."
+        )
     found = find_attention_modules(model, config)
     if not found:
         raise SerialLoraError(
@@ -82,6 +158,7 @@ def inject_serial_lora(
             f"{[h.name for h in registered_hosts()]}. Check the patterns, or describe the attention "
             "with register_host(AttentionHost(...))."
         )
+    _check_projections_not_shared(found)
     for name, (module, _, _) in found.items():
         existing = getattr(module, ATTRIBUTE, None)
         if isinstance(existing, SerialLoraAttention) and adapter_name in existing:
@@ -138,17 +215,19 @@ def _refuse_if_merged(model: nn.Module, action: str) -> None:
 
 
 def set_serial_lora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> None:
-    """Set the strength of an adapter (or of all): 0 gives the base model, 1 the trained adapter."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    """Set the strength of an adapter (or of all): 0 gives the base model, 1 the trained adapter.
+
+    Refused before anything changes if `scale` is not finite or, times an adapter's scaling (alpha/r),
+    lies beyond float32 (the adapters compute in float32 at least).
+    """
+    scale = check_scale(scale, "scale")
     _refuse_if_merged(model, "change the scale")
-    for module in _modules_with(model, adapter_name):
-        for name, adapters in module.items():
-            if adapter_name is None or name == adapter_name:
-                for adapter in adapters.values():
-                    adapter.weight = float(scale)
+    targets = [adapter for module in _modules_with(model, adapter_name) for name, adapters in module.items()
+               if adapter_name is None or name == adapter_name for adapter in adapters.values()]
+    for adapter in targets:
+        check_scale(scale * adapter.scaling, f"scale={scale!r} times the adapter's scaling {adapter.scaling:g}")
+    for adapter in targets:
+        adapter.scale = scale
 
 
 def enable_serial_lora(model: nn.Module, enabled: bool = True) -> None:
@@ -166,19 +245,25 @@ def disable_serial_lora(model: nn.Module) -> None:
 def merge_serial_lora(model: nn.Module, scale: float = 1.0) -> None:
     """Fold every adapter into its projections: W <- W + scale·s·(W B) A (in float32).
 
-    All-or-nothing: if one projection would become non-finite, nothing stays merged.
+    All-or-nothing: if one projection would become non-finite, or anything else fails (e.g. out of
+    memory), every weight already written is restored and nothing stays merged. Weights shared by
+    two adapted attention modules (tied weights) are refused, since both would see both changes.
     """
-    modules = _modules_with(model, None)
+    scale = check_scale(scale, "scale")
+    _modules_with(model, None)
+    modules = {module: name for name, module in serial_lora_modules(model)}
     _refuse_if_merged(model, "merge again")
     if not all(module.enabled for module in modules):
         raise SerialLoraError("the adapters are disabled; call enable_serial_lora() before merging them")
+    check_untied([(f"{name}.{path}" if name else path, (name, stream), weight)
+                  for module, name in modules.items() for stream, path, weight in module.adapted_projections()])
     done = []
     try:
         for module in modules:
             module.merge(scale)
             done.append(module)
-    except SerialLoraError:
-        for module in done:
+    except BaseException:
+        for module in reversed(done):
             module.unmerge()
         raise
 

@@ -9,29 +9,44 @@ and writes low(x) + s·B·z once. Training never comes here (it needs autograd).
 
 Importing this module needs Triton; `serial_lora_core.adapter` imports it lazily and only for CUDA
 tensors, so CPU installs never touch it. With TRITON_INTERPRET=1 set before import it runs on CPU
-tensors through Triton's interpreter, which is how the CPU test-suite checks its arithmetic.
+tensors through Triton's interpreter, which is how the CPU test-suite checks its arithmetic. The
+default launch parameters are data: `triton_tuned.json` next to this file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+from importlib import resources
 
 import torch
 import triton
 import triton.language as tl
 
-# Launch parameters chosen on an H100 (benchmarks/triton_tune.py, results in BENCHMARKS.md).
-# PROGRAMS_PER_SM > 0 runs a persistent grid of that many programs per multiprocessor, each walking
-# row blocks, so that fewer blocks are in flight and a block's rows are still in L2 for the second
-# pass; 0 launches one program per row block. STAGE_IN_Y = 1 writes the low-precision copy of x into
-# the output during the first pass and reads that back in the second (half the bytes of x).
-BLOCK_M = 32
-BLOCK_D = 256
-NUM_WARPS = 4
-PROGRAMS_PER_SM = 4
-NUM_STAGES = 2
-STAGE_IN_Y = 0
+LAUNCH_KEYS = ("block_m", "block_d", "num_warps", "programs_per_sm", "num_stages", "stage_in_y")
+
+
+def load_launch_parameters(text: str, source: str) -> dict[str, int]:
+    """The kernel's default launch parameters from the JSON table `text` (read from `source`).
+
+    block_m/block_d: row and column block sizes (powers of two >= 16). programs_per_sm > 0 runs a
+    persistent grid of that many programs per multiprocessor, each walking row blocks, so that fewer
+    blocks are in flight and a block's rows are still in L2 for the second pass; 0 launches one
+    program per row block. stage_in_y = 1 writes the low-precision copy of x into the output during
+    the first pass and reads that back in the second (half the bytes of x).
+    """
+    table = json.loads(text)
+    if not isinstance(table, dict) or sorted(table) != sorted(LAUNCH_KEYS) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in table.values()):
+        raise ValueError(f"{source}: expected a JSON object of non-negative integers with exactly the keys "
+                         f"{list(LAUNCH_KEYS)}, got {table!r}; rewrite it with benchmarks/apply_tuned.py")
+    return table
+
+
+TUNED_FILE = "triton_tuned.json"
+# Chosen on an H100 by benchmarks/triton_tune.py (results in BENCHMARKS.md), written by benchmarks/apply_tuned.py.
+LAUNCH = load_launch_parameters(resources.files(__package__).joinpath(TUNED_FILE).read_text(), TUNED_FILE)
 
 
 @triton.jit
@@ -82,8 +97,8 @@ def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: 
     """low(x) + scale·up·down·low(x) in `dtype` (float16 or bfloat16), for x (..., d) contiguous.
 
     `down` is A (r x d) and `up` is B (d x r), in any float dtype (cast to `dtype` like autocast does).
-    The keyword arguments are launch parameters (block sizes: powers of two >= 16; None = this module's
-    defaults), for tuning only.
+    The keyword arguments are launch parameters (block sizes: powers of two >= 16; None = `LAUNCH`,
+    from triton_tuned.json), for tuning only.
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"adapted_input: dtype must be float16 or bfloat16, got {dtype}")
@@ -99,10 +114,10 @@ def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: 
     y = torch.empty(flat.shape, device=x.device, dtype=dtype)
     rows = flat.shape[0]
     if rows:
-        block_m, block_d = block_m or BLOCK_M, block_d or BLOCK_D
-        num_warps = num_warps or NUM_WARPS
-        programs_per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-        stage_in_y = bool(STAGE_IN_Y if stage_in_y is None else stage_in_y)
+        block_m, block_d = block_m or LAUNCH["block_m"], block_d or LAUNCH["block_d"]
+        num_warps = num_warps or LAUNCH["num_warps"]
+        programs_per_sm = LAUNCH["programs_per_sm"] if programs_per_sm is None else programs_per_sm
+        stage_in_y = bool(LAUNCH["stage_in_y"] if stage_in_y is None else stage_in_y)
         blocks = triton.cdiv(rows, block_m)
         if programs_per_sm:
             blocks = min(blocks, programs_per_sm * _multiprocessors(x.device))
@@ -113,6 +128,6 @@ def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: 
                 flat, down.to(dtype).contiguous(), up.to(dtype).contiguous(), y, rows, float(scale),
                 D=features, R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), BLOCK_M=block_m, BLOCK_D=block_d,
                 FP16=dtype == torch.float16, STAGE_IN_Y=stage_in_y, num_warps=num_warps,
-                num_stages=num_stages or NUM_STAGES,
+                num_stages=num_stages or LAUNCH["num_stages"],
             )
     return y.view(x.shape)

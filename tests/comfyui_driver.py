@@ -229,6 +229,73 @@ def lowvram_weights(keys) -> dict:
     return out
 
 
+def overwrite_tensor_bytes(path: str) -> None:
+    """Rewrite the tensor data of a safetensors file in place (header kept, so its stored sha256 too)."""
+    with open(path, "r+b") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        size = os.path.getsize(path) - 8 - header
+        handle.write(b"\x7f" * size)  # float32 0x7f7f7f7f: about 3.4e38, nothing like the adapter
+
+
+def file_handling(pack, base) -> dict:
+    """Issue 10 item 15: the save node never overwrites, the cache keys on content, --disable-mmap,
+    non-finite strengths; and the model-only loader's schema is its parent's minus the CLIP parts."""
+    import shutil
+
+    out = {}
+    save = nodes.NODE_CLASS_MAPPINGS["SaveSerialLoraAsLora"]
+    loras = os.path.join(models, "loras")
+    source = os.path.join(loras, "with_te.safetensors")
+    before = open(source, "rb").read()
+    out["saved"] = [save.execute(model=base, lora_name="tiny.safetensors", strength_model=0.5,
+                                 filename_prefix=prefix).args[0] for prefix in ("with_te", "with_te", "again.safetensors")]
+    out["source_unchanged"] = open(source, "rb").read() == before
+    out["saved_exist"] = [os.path.isfile(os.path.join(loras, name)) for name in out["saved"]]
+    # Cache: a different adapter copied over a cached file with the same size and mtime (cp -p).
+    swap = os.path.join(models, "serial_loras", "swap.safetensors")
+    shutil.copy2(os.path.join(models, "serial_loras", "tiny.safetensors"), swap)
+    folder_paths.filename_list_cache.clear()
+    first = pack.load_adapter("swap.safetensors")
+    stat = os.stat(swap)
+    shutil.copyfile(os.path.join(work, "other_same_size.safetensors"), swap)
+    os.utime(swap, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = os.stat(swap)
+    out["cache_same_stamp"] = (again.st_size, again.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = pack.load_adapter("swap.safetensors")
+    key = next(iter(second.weights))
+    expected = pack.read_file(os.path.join(work, "other_same_size.safetensors")).weights[key].down
+    out["cache_reloaded"] = torch.equal(second.weights[key].down, expected)
+    out["cache_first_differs"] = not torch.equal(first.weights[key].down, expected)
+    # --disable-mmap (comfy.utils.DISABLE_MMAP, set from the flag), and without it: nothing of the file
+    # stays mapped, so rewriting the file afterwards changes nothing in the adapter already returned.
+    for flag in (True, False):
+        name = f"mmap_{flag}.safetensors"
+        shutil.copy(os.path.join(models, "serial_loras", "tiny.safetensors"), os.path.join(models, "serial_loras", name))
+        folder_paths.filename_list_cache.clear()
+        comfy.utils.DISABLE_MMAP = flag
+        try:
+            adapter = pack.load_adapter(name)
+        finally:
+            comfy.utils.DISABLE_MMAP = False
+        copy = {k: (p.down.clone(), p.up.clone()) for k, p in adapter.weights.items()}
+        overwrite_tensor_bytes(os.path.join(models, "serial_loras", name))
+        out[f"unchanged_after_rewrite_mmap_disabled_{flag}"] = all(
+            torch.equal(p.down, copy[k][0]) and torch.equal(p.up, copy[k][1]) for k, p in adapter.weights.items())
+    only, both = nodes.NODE_CLASS_MAPPINGS["SerialLoraLoaderModelOnly"], nodes.NODE_CLASS_MAPPINGS["SerialLoraLoader"]
+    out["model_only_subclasses_loader"] = issubclass(only, both)
+    out["schemas"] = {node.GET_SCHEMA().node_id: {"inputs": [i.id for i in node.GET_SCHEMA().inputs],
+                                                  "outputs": list(node.RETURN_TYPES)} for node in (only, both)}
+    RESULTS["errors"]["nan_strength_model"] = error_of(lambda: only.execute(
+        model=base, lora_name="tiny.safetensors", strength_model=float("nan")))
+    RESULTS["errors"]["inf_strength_clip"] = error_of(lambda: both.execute(
+        model=base, clip=None, lora_name="tiny.safetensors", strength_model=1.0, strength_clip=float("-inf")))
+    RESULTS["errors"]["nan_strength_save"] = error_of(lambda: save.execute(
+        model=base, lora_name="tiny.safetensors", strength_model=float("nan"), filename_prefix="nan"))
+    out["nan_save_wrote_nothing"] = not any(n.startswith("nan_") for n in os.listdir(loras))
+    return out
+
+
 def exports_against_loaded_clones(pack) -> dict:
     """Exports made while a patched clone sharing the base module is loaded (as after a sampler)."""
     adapter, loras = pack.load_adapter("tiny.safetensors"), os.path.join(models, "loras")
@@ -278,7 +345,7 @@ async def main() -> None:
         "cap_lat_serial": capture("latent_serial", samples=["sample_serial", 0]),
         "cap_lat_base": capture("latent_base", samples=["sample_base", 0]),
         "save": {"class_type": "SaveSerialLoraAsLora", "inputs": {"model": ["unet", 0], "lora_name": "tiny.safetensors",
-                                                                   "strength_model": 0.8, "filename": "tiny_export"}},
+                                                                   "strength_model": 0.8, "filename_prefix": "tiny_export"}},
     })
     RESULTS["graph"] = await run_prompt(prompt, "serial")
     RESULTS["reads"] = list(reads)
@@ -302,7 +369,7 @@ async def main() -> None:
     folder_paths.cache_helper.clear() if hasattr(folder_paths, "cache_helper") else None
     folder_paths.filename_list_cache.clear()
     stock = dict(common)
-    stock.update({"stock": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": "tiny_export.safetensors",
+    stock.update({"stock": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": "tiny_export_00001_.safetensors",
                                                                              "strength_model": 1.0}},
                   "cap_stock": capture("stock", model=["stock", 0])})
     RESULTS["stock_graph"] = await run_prompt(stock, "stock")
@@ -334,7 +401,8 @@ async def main() -> None:
         for name in ("deeper.safetensors", "narrow.safetensors", "standard.safetensors")
     }
     RESULTS["errors"]["bad_filename"] = error_of(lambda: nodes.NODE_CLASS_MAPPINGS["SaveSerialLoraAsLora"].execute(
-        model=base, lora_name="tiny.safetensors", strength_model=1.0, filename="../escape"))
+        model=base, lora_name="tiny.safetensors", strength_model=1.0, filename_prefix="../escape"))
+    RESULTS["files"] = file_handling(pack, base)
     RESULTS["base_patches_after_errors"] = len(base.patches)
     bad = dict(common)
     bad.update({"bad": loader(["unet", 0], 1.0, "deeper.safetensors"), "cap": capture("bad", model=["bad", 0])})

@@ -17,15 +17,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serial_lora_core import AttentionHost, StreamSpec, register_host, serial_lora_modules
-from serial_lora_core import hosts as hosts_module
+from safetensors import safe_open
+
+from serial_lora_core import (
+    ARCHITECTURE_ATTRIBUTE,
+    AttentionHost,
+    SerialLoraConfig,
+    StreamSpec,
+    inject_serial_lora,
+    serial_lora_modules,
+)
+from serial_lora_core.format import write_file
+from serial_lora_core.hosts import registered
 
 DIM = 16
 TEXT_DIM = 12
@@ -311,8 +323,8 @@ def snapshot(model: nn.Module) -> dict:
     adapters = {}
     for name, module in serial_lora_modules(model):
         adapters[name] = (
-            module.enabled, module.merged, list(module.keys()), dict(module._hooks), list(module._cache_hooks),
-            {a: {s: (ad.scale, ad.weight, ad.rank) for s, ad in ads.items()} for a, ads in module.items()},
+            module.enabled, module.merged, list(module.keys()), dict(module._hooks), module._attention_hook,
+            {a: {s: (ad.scaling, ad.scale, ad.rank) for s, ad in ads.items()} for a, ads in module.items()},
         )
     return {"state": state, "modules": modules, "parameters": parameters, "hooks": hooks, "adapters": adapters}
 
@@ -330,10 +342,64 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 @contextlib.contextmanager
 def host_registered(case: HostCase) -> Iterator[HostCase]:
     """Register the case's extra host (if any) for the duration, then restore the global registry."""
-    saved = list(hosts_module._HOSTS)
-    if case.needs_functional_host:
-        register_host(FUNCTIONAL_HOST)
-    try:
+    with registered(*([FUNCTIONAL_HOST] if case.needs_functional_host else [])):
         yield case
-    finally:
-        hosts_module._HOSTS[:] = saved
+
+
+# ---------------------------------------------------------------------------------- adapter files
+ARCHITECTURE = "tiny_vit_d2_w16"
+
+
+def source_model(case, dtype=torch.float32, architecture=ARCHITECTURE, seed=4, model_kwargs=None, **config):
+    """A model with a trained-looking (random, non-zero) adapter, from base weights of seed 0."""
+    model = case.model(dtype, **(model_kwargs or {}))
+    setattr(model, ARCHITECTURE_ATTRIBUTE, architecture)
+    inject_serial_lora(model, SerialLoraConfig(**{"rank": 4, "alpha": 6.0, **config}))
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+def target_model(case, dtype=torch.float32, architecture=ARCHITECTURE, **kwargs):
+    model = case.model(dtype, **kwargs)
+    setattr(model, ARCHITECTURE_ATTRIBUTE, architecture)
+    return model
+
+
+def file_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        # Cloned: a tensor of safe_open is a live view of the memory-mapped file.
+        return {k: handle.get_tensor(k).clone() for k in handle.keys()}, dict(handle.metadata())
+
+
+@dataclass
+class FileContext:
+    """A valid file of the fused model (depth 2, width 16, rank 4) and a folder for bad ones."""
+
+    folder: Path
+    good: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def rewrite(self, tensors=None, metadata=None, name="bad.safetensors", **changes) -> Path:
+        """A file with a valid checksum over edited tensors/metadata (so the intended check fires)."""
+        meta = {k: v for k, v in (metadata or self.metadata).items() if k != "sha256"}
+        meta.update(changes)
+        return write_file(self.folder / name, tensors if tensors is not None else self.tensors, meta)
+
+    def metadata_without(self, *fields: str) -> dict[str, str]:
+        return {k: v for k, v in self.metadata.items() if k not in fields}
+
+    def raw(self, data: bytes, name="bad.safetensors") -> Path:
+        path = self.folder / name
+        path.write_bytes(data)
+        return path
+
+
+def base_weights_file(case: HostCase, folder: Path) -> Path:
+    """The base model's weights (seed 0, as `HostCase.model`) as a .safetensors file, for exports."""
+    from safetensors.torch import save_file
+
+    path = folder / f"base_{case.name}.safetensors"
+    save_file({k: v.contiguous() for k, v in case.model().state_dict().items()}, path)
+    return path
+

@@ -33,7 +33,6 @@ from serial_lora_core import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("SERIAL_LORA_COMFYUI", REPO / "third_party" / "ComfyUI"))
 # ComfyUI infers an SD3 model's depth from its weights and needs hidden size = 64 x depth.
 JOINT_DIM, POOLED_DIM = 32, 64
 TINY = dict(num_layers=2, attention_head_dim=64, num_attention_heads=2, in_channels=16, out_channels=16,
@@ -92,11 +91,8 @@ def formula(base: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: flo
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
+def comfy(tmp_path_factory, comfyui_dir):
     """Build the files, run ComfyUI once, return (results, ComfyUI weights, references, adapter file)."""
-    if not (COMFYUI / "comfy" / "model_patcher.py").is_file():
-        pytest.fail(f"ComfyUI not found at {COMFYUI}: run `bash scripts/setup.sh` (it installs ComfyUI 0.30.0 "
-                    "into third_party/ComfyUI) or set SERIAL_LORA_COMFYUI to a ComfyUI 0.30.0 folder")
     work = tmp_path_factory.mktemp("comfyui")
     models = work / "models"
     for folder in ("diffusion_models", "loras", "serial_loras"):
@@ -104,6 +100,7 @@ def comfy(tmp_path_factory):
     transformer = tiny_transformer()
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, models / "diffusion_models" / "tiny_sd3.safetensors")
     adapter_for(transformer, models / "serial_loras" / "tiny.safetensors")
+    adapter_for(tiny_transformer(), work / "other_same_size.safetensors", seed=9)  # copied over a cached file
     references = {f"base/{k}": v for k, v in comfy_fused(transformer).items()}
     for tag, strength in STRENGTHS.items():
         merge_serial_lora(transformer, scale=strength)
@@ -127,7 +124,7 @@ def comfy(tmp_path_factory):
     link = subprocess.run([sys.executable, "-m", "comfyui_nodes.link", str(work / "linked_comfyui")],
                           capture_output=True, text=True, cwd=work)
     env = {**os.environ, "TINY_JOINT_DIM": str(JOINT_DIM), "TINY_POOLED_DIM": str(POOLED_DIM)}
-    run = subprocess.run([sys.executable, str(REPO / "tests" / "comfyui_driver.py"), str(COMFYUI), str(work)],
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "comfyui_driver.py"), str(comfyui_dir), str(work)],
                          capture_output=True, text=True, cwd=work, env=env, timeout=600)
     results_path = work / "results.json"
     if not results_path.is_file():
@@ -172,6 +169,44 @@ def test_root_package_imports_without_comfyui_and_defines_a_lazy_entrypoint():
 def test_link_refuses_a_folder_that_is_not_comfyui(tmp_path):
     run = subprocess.run([sys.executable, "-m", "comfyui_nodes.link", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "custom_nodes" in run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr  # the error only: no runpy RuntimeWarning
+
+
+def test_link_prints_no_warning(comfy):
+    link = comfy["link"]
+    assert link.returncode == 0 and link.stderr == "" and link.stdout.startswith("linked serial-lora nodes")
+
+
+def test_save_node_never_overwrites_and_counts_like_comfyui(comfy):
+    files = comfy["results"]["files"]
+    assert files["saved"] == ["with_te_00001_.safetensors", "with_te_00002_.safetensors", "again_00001_.safetensors"]
+    assert files["saved_exist"] == [True, True, True]
+    assert files["source_unchanged"]  # loras/with_te.safetensors, the name the user typed, is untouched
+    assert files["nan_save_wrote_nothing"]
+
+
+def test_adapter_cache_keys_on_content_not_mtime_and_size(comfy):
+    files = comfy["results"]["files"]
+    assert files["cache_same_stamp"]  # what `cp -p` of a same-sized adapter gives
+    assert files["cache_first_differs"] and files["cache_reloaded"]
+
+
+@pytest.mark.parametrize("disable_mmap", [True, False])
+def test_loaded_adapter_keeps_no_view_of_the_file(comfy, disable_mmap):
+    """ComfyUI's --disable-mmap (comfy.utils.DISABLE_MMAP) asks for no memory map: the node path never maps
+    the file (the core reads it into memory, the cache reads the header), so rewriting the file after
+    loading leaves the already loaded adapter as it was validated, with the flag and without."""
+    assert comfy["results"]["files"][f"unchanged_after_rewrite_mmap_disabled_{disable_mmap}"]
+
+
+def test_model_only_loader_is_the_loader_without_clip(comfy):
+    files = comfy["results"]["files"]
+    assert files["model_only_subclasses_loader"]
+    assert files["schemas"] == {
+        "SerialLoraLoaderModelOnly": {"inputs": ["model", "lora_name", "strength_model"], "outputs": ["MODEL"]},
+        "SerialLoraLoader": {"inputs": ["model", "clip", "lora_name", "strength_model", "strength_clip"],
+                             "outputs": ["MODEL", "CLIP"]},
+    }
 
 
 def test_graph_with_sampler_runs(comfy):
@@ -198,7 +233,7 @@ def test_patched_weights_match_formula(comfy, tag):
         block, rest = key.split(".")[2], key.split(".", 3)[3].rsplit(".qkv.weight", 1)[0]
         attention, stream = streams[rest]
         pair = adapter.weights[(f"transformer_blocks.{block}.{attention}", stream)]
-        expected = formula(weights[f"base/{key}"], pair.down, pair.up, STRENGTHS[tag] * adapter.scale)
+        expected = formula(weights[f"base/{key}"], pair.down, pair.up, STRENGTHS[tag] * adapter.scaling)
         torch.testing.assert_close(weights[f"{tag}/{key}"], expected, rtol=1e-5, atol=1e-6)
         checked += 1
     assert checked == 5
@@ -245,13 +280,13 @@ def _export_expectations(comfy, tag):
         rows = fused.shape[0] // 3
         for n, projection in enumerate(PROJECTIONS[group]):
             name = f"transformer.transformer_blocks.{block}.{attention}.{projection}"
-            expected[name] = (pair.down.float(), 0.8 * adapter.scale * fused[n * rows:(n + 1) * rows] @ pair.up.float())
+            expected[name] = (pair.down.float(), 0.8 * adapter.scaling * fused[n * rows:(n + 1) * rows] @ pair.up.float())
     return expected
 
 
-@pytest.mark.parametrize("file, tag", [("tiny_export", "base"), ("export_base", "base"), ("export_on_s0.3", "s0.3")])
+@pytest.mark.parametrize("file, tag", [("tiny_export_00001_", "base"), ("export_base", "base"), ("export_on_s0.3", "s0.3")])
 def test_export_has_per_projection_diffusers_keys_for_the_weights_the_model_has(comfy, file, tag):
-    """tiny_export: the graph's save node; export_base: the base model exported while a patched clone
+    """tiny_export_00001_: the graph's save node; export_base: the base model exported while a patched clone
     (sharing its module) was loaded; export_on_s0.3: exported for a model already carrying a Serial LoRA."""
     assert comfy["results"]["exports"]["module_patched_while_exporting"] is True
     exported = load_file(comfy["work"] / "models" / "loras" / f"{file}.safetensors")
@@ -265,7 +300,7 @@ def test_export_has_per_projection_diffusers_keys_for_the_weights_the_model_has(
 def test_diffusers_loads_the_export_with_the_same_weights(comfy):
     """diffusers' own LoRA loading (PEFT) of the export, fused, gives the Serial LoRA's merged weights."""
     transformer = tiny_transformer()
-    state = load_file(comfy["work"] / "models" / "loras" / "tiny_export.safetensors")
+    state = load_file(comfy["work"] / "models" / "loras" / "tiny_export_00001_.safetensors")
     transformer.load_lora_adapter(state, prefix="transformer", adapter_name="export")
     transformer.fuse_lora(lora_scale=1.0)
     fused, references = comfy_fused(transformer), comfy["references"]
@@ -277,7 +312,7 @@ def test_stacking_applies_on_the_patched_weight(comfy):
     weights, adapter = comfy["weights"], comfy["adapter"]
     key = "diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
     pair = adapter.weights[("transformer_blocks.0.attn", "image")]
-    expected = formula(weights[f"s0.8/{key}"], pair.down, pair.up, 0.3 * adapter.scale)
+    expected = formula(weights[f"s0.8/{key}"], pair.down, pair.up, 0.3 * adapter.scaling)
     torch.testing.assert_close(weights[f"stacked/{key}"], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -287,6 +322,9 @@ def test_stacking_applies_on_the_patched_weight(comfy):
     ("standard.safetensors", ["standard LoRA"]),
     ("bad_filename", ["plain file name"]),
     ("te_without_clip", ["match nothing", "text_encoder.text_model.encoder.layers.0.self_attn.serial_lora.input", "CLIP"]),
+    ("nan_strength_model", ["strength_model is nan", "finite"]),
+    ("inf_strength_clip", ["strength_clip is -inf", "finite"]),
+    ("nan_strength_save", ["strength_model is nan", "finite"]),
 ])
 def test_bad_input_is_a_clear_error(comfy, name, words):
     error = comfy["results"]["errors"][name]
@@ -322,7 +360,7 @@ def _expected(comfy, key, tag="s0.8"):
     block, rest = key.split(".")[2], key.split(".", 3)[3].rsplit(".qkv.weight", 1)[0]
     attention, stream = streams[rest]
     pair = adapter.weights[(f"transformer_blocks.{block}.{attention}", stream)]
-    return formula(weights[f"base/{key}"], pair.down, pair.up, STRENGTHS[tag] * adapter.scale)
+    return formula(weights[f"base/{key}"], pair.down, pair.up, STRENGTHS[tag] * adapter.scaling)
 
 
 def test_lowvram_prefetch_rebuilds_the_adapter_from_its_weights(comfy):
@@ -358,7 +396,7 @@ def test_load_serial_lora_patches_model_and_clip(comfy):
     for key in expected_keys:
         layer = key.split(".")[5]
         pair = adapter.weights[(f"text_encoder.text_model.encoder.layers.{layer}.self_attn", "input")]
-        expected = formula(weights[f"clip_base/{key}"], pair.down, pair.up, 0.5 * adapter.scale)
+        expected = formula(weights[f"clip_base/{key}"], pair.down, pair.up, 0.5 * adapter.scaling)
         torch.testing.assert_close(weights[f"clip_0.5/{key}"], expected, rtol=1e-5, atol=1e-6)
 
 

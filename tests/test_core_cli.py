@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core_models import DEPTH, HOSTS, randomize_adapters
+from core_models import DEPTH, HOSTS, base_weights_file, randomize_adapters
 from serial_lora_core import (
     ARCHITECTURE_ATTRIBUTE,
     SerialLoraConfig,
@@ -51,7 +51,7 @@ def test_info_json(host, tmp_path, capsys):
     assert info["format"] == "serial_lora"
     assert info["format_version"] == 1
     assert (info["rank"], info["alpha"], info["use_rslora"]) == (3, 1.5, True)
-    assert info["scale"] == pytest.approx(1.5 / 3 ** 0.5)
+    assert info["scaling"] == pytest.approx(1.5 / 3 ** 0.5)
     assert info["streams"] == {s: list(p) for s, (p, _) in case.streams.items()}
     assert info["adapted_attention_modules"] == DEPTH == len(list(serial_lora_modules(model)))
     assert info["parameters"] == sum(p.numel() for p in serial_lora_parameters(model))
@@ -64,7 +64,7 @@ def test_info_json(host, tmp_path, capsys):
 def test_info_text(tmp_path, capsys):
     _, path = saved_adapter(HOSTS["split"], tmp_path)
     assert main(["info", str(path)]) == 0
-    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    rows = dict((line.split(None, 1) + [""])[:2] for line in capsys.readouterr().out.splitlines())
     assert rows["format"] == "serial_lora"
     assert rows["format_version"] == "1"
     assert rows["rank"] == "4"
@@ -132,8 +132,7 @@ def test_installed_console_command(tmp_path):
 def test_export_lora_is_the_exact_standard_lora(host, tmp_path, capsys):
     case = HOSTS[host]
     model, path = saved_adapter(case, tmp_path, rank=4, alpha=2.0, use_rslora=True)
-    base = tmp_path / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in case.model().state_dict().items()}, base)
+    base = base_weights_file(case, tmp_path)
     out = tmp_path / "standard.safetensors"
     assert main(["export-lora", str(path), str(out), "--base", str(base), "--prefix", "", "--scale", "0.5"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -161,3 +160,68 @@ def test_export_lora_with_base_missing_a_projection_exits_2(tmp_path, capsys):
     assert main(["export-lora", str(path), str(tmp_path / "out.safetensors"), "--base", str(base), "--prefix", ""]) == 2
     assert "blocks.0.attn.qkv.weight" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+# ------------------------------------------------------------------------------------ issue 10/13 points
+def test_version(tmp_path, capsys):
+    from serial_lora_core import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"serial-lora {__version__}"
+    _, path = saved_adapter(HOSTS["fused"], tmp_path)
+    assert read_file(path).info.created_by == f"serial-lora {__version__}"
+
+
+HOSTILE = "tiny\x1b[2J\x1b]0;pwned\x07\x9b31m\u202eevil\r"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_info_escapes_control_characters(as_json, tmp_path, capsys):
+    model = HOSTS["fused"].model()
+    inject_serial_lora(model, SerialLoraConfig(rank=2))
+    path = save_serial_lora(model, tmp_path / "a.safetensors", architecture=HOSTILE, base_model="org/\x07x",
+                            metadata={"note": "\x1b[31m"})
+    assert main(["info", str(path)] + (["--json"] if as_json else [])) == 0
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\x07\x9b\u202e\r"), repr(out)
+    if as_json:
+        assert json.loads(out)["architecture"] == HOSTILE  # escaped, not lost
+    else:
+        assert "tiny\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202eevil\\r" in out
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "1e300", "-1e39"])
+def test_export_lora_refuses_scales_beyond_float32(scale, tmp_path, capsys):
+    _, path = saved_adapter(HOSTS["fused"], tmp_path)
+    base = base_weights_file(HOSTS["fused"], tmp_path)
+    out = tmp_path / "out.safetensors"
+    assert main(["export-lora", str(path), str(out), "--base", str(base), f"--scale={scale}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serial-lora: error: --scale=") and "finite" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("host, prefix", [("fused", ""), ("split", ""), ("joint", "transformer.")])
+def test_export_lora_key_prefix_follows_the_host(host, prefix, tmp_path):
+    case = HOSTS[host]
+    _, path = saved_adapter(case, tmp_path)
+    base = base_weights_file(case, tmp_path)
+    for argv, expected in (([], prefix), (["--prefix", "unet."], "unet.")):
+        out = tmp_path / "out.safetensors"
+        assert main(["export-lora", str(path), str(out), "--base", str(base), *argv]) == 0
+        with safe_open(str(out), framework="pt") as handle:
+            keys = list(handle.keys())
+        assert keys and all(k.startswith(f"{expected}blocks.") for k in keys), keys[:2]
+
+
+def test_export_lora_from_an_unreachable_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    _, path = saved_adapter(HOSTS["joint"], tmp_path)
+    assert main(["export-lora", str(path), str(tmp_path / "o.safetensors"), "--base", "org/not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "'org/not-cached'" in err and "local .safetensors file or model folder" in err and "HF_HUB_OFFLINE" in err

@@ -22,6 +22,8 @@ from serial_lora_core import (
     registered_hosts,
     set_serial_lora_scale,
 )
+from serial_lora_core.config import check_scale
+from serial_lora_core.hosts import registered, unregister_host
 
 # (keyword arguments, error type, text the message must contain)
 BAD_CONFIGS = {
@@ -59,7 +61,7 @@ def test_bad_config_values_name_the_argument(name):
 )
 def test_config_scale_and_defaults(kwargs, scale):
     config = SerialLoraConfig(**kwargs)
-    assert config.scale == scale
+    assert config.scaling == scale
     assert config.alpha == float(kwargs.get("alpha", kwargs["rank"]))
     round_trip = json.loads(json.dumps(config.to_dict()))
     assert round_trip["rank"] == kwargs["rank"] and round_trip["alpha"] == config.alpha
@@ -168,3 +170,81 @@ def test_importing_the_core_imports_no_host_library():
     imported, torch_seen, safetensors_seen = json.loads(result.stdout)
     assert imported == []
     assert torch_seen and safetensors_seen  # the probe does see what the core really imports
+
+
+# ------------------------------------------------------------------------------------ check_scale
+@pytest.mark.parametrize(
+    "value, error",
+    [(math.nan, ValueError), (math.inf, ValueError), (-math.inf, ValueError), (1e300, ValueError), (-3.5e38, ValueError),
+     (10 ** 400, ValueError), (True, TypeError), ("1", TypeError), (None, TypeError), (torch.tensor(1.0), TypeError)],
+    ids=["nan", "inf", "-inf", "1e300", "-3.5e38", "huge_int", "bool", "str", "none", "tensor"],
+)
+def test_check_scale_refuses_what_float32_cannot_hold(value, error):
+    with pytest.raises(error, match="my_argument"):
+        check_scale(value, "my_argument")
+
+
+@pytest.mark.parametrize("value", [0, 1, -2.5, 3.4e38, 1e-45])
+def test_check_scale_returns_a_float(value):
+    result = check_scale(value, "scale")
+    assert type(result) is float and result == float(value)
+
+
+def test_alpha_whose_scaling_overflows_float32_is_refused():
+    with pytest.raises(ValueError, match=r"alpha=1e\+300 gives a scaling alpha/r of 2.5e\+299, beyond float32"):
+        SerialLoraConfig(rank=4, alpha=1e300)
+    assert SerialLoraConfig(rank=4, alpha=4e38).scaling == 1e38
+
+
+# ------------------------------------------------------------------------------------ registry
+def test_registered_is_scoped_and_restores_a_replaced_host():
+    before = registered_hosts()
+    replacement = AttentionHost(name="fused_qkv", streams={"input": StreamSpec(projections=("qkv",))}, class_names=("X",))
+    with pytest.raises(RuntimeError, match="inside"):
+        with registered(FUNCTIONAL_HOST, replacement) as hosts:
+            assert hosts == (FUNCTIONAL_HOST, replacement)
+            assert registered_hosts()[:2] == (replacement, FUNCTIONAL_HOST)
+            assert [h.name for h in registered_hosts()].count("fused_qkv") == 1
+            raise RuntimeError("inside")
+    assert registered_hosts() == before
+
+
+def test_unregister_host():
+    with registered(FUNCTIONAL_HOST):
+        assert unregister_host("functional_qkv") is FUNCTIONAL_HOST
+        assert "functional_qkv" not in [h.name for h in registered_hosts()]
+        with pytest.raises(SerialLoraError, match=r"no attention host named 'nope'.*fused_qkv"):
+            unregister_host("nope")
+
+
+class WqkvAttention(torch.nn.Module):
+    """An attention only a custom host recognises (q/k/v called wq/wk/wv)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv = (torch.nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        return self.wq(x) + self.wk(x) + self.wv(x)
+
+
+def test_file_validity_does_not_depend_on_which_hosts_are_registered(tmp_path):
+    """Saved while a host for an extra (unadapted) attention was registered, loaded without it: the
+    file's `model_attention_modules` counts by the file's own streams, so it still loads."""
+    from serial_lora_core import load_serial_lora, save_serial_lora
+
+    def build():
+        model = HOSTS["fused"].model()
+        model.extra = WqkvAttention()
+        return model
+
+    host = AttentionHost(name="wqkv", streams={"input": StreamSpec(projections=("wq", "wk", "wv"))})
+    source = build()
+    with registered(host):
+        inject_serial_lora(source, SerialLoraConfig(rank=2, target_modules=r"^blocks\."))
+        randomize_adapters(source)
+        path = save_serial_lora(source, tmp_path / "a.safetensors")
+    target = build()
+    load_serial_lora(target, path)  # no "wqkv" host now
+    inputs = HOSTS["fused"].inputs()
+    assert torch.equal(run(target, inputs), run(source, inputs))

@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,13 +15,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import serial_lora_core.format as format_module
 from core_models import (
+    ARCHITECTURE,
     DTYPES,
     HOSTS,
+    FileContext,
+    file_tensors,
+    source_model,
+    target_model,
     assert_unchanged,
     host_registered,
     randomize_adapters,
@@ -31,7 +34,6 @@ from core_models import (
     snapshot,
 )
 from serial_lora_core import (
-    ARCHITECTURE_ATTRIBUTE,
     FORMAT_NAME,
     FORMAT_VERSION,
     SerialLoraConfig,
@@ -46,36 +48,6 @@ from serial_lora_core import (
     serial_lora_state_dict,
     set_serial_lora_scale,
 )
-from serial_lora_core.format import write_file
-
-ARCHITECTURE = "tiny_vit_d2_w16"
-
-
-@pytest.fixture(params=list(HOSTS))
-def case(request):
-    with host_registered(HOSTS[request.param]) as host_case:
-        yield host_case
-
-
-def source_model(case, dtype=torch.float32, architecture=ARCHITECTURE, seed=4, model_kwargs=None, **config):
-    """A model with a trained-looking (random, non-zero) adapter, from base weights of seed 0."""
-    model = case.model(dtype, **(model_kwargs or {}))
-    setattr(model, ARCHITECTURE_ATTRIBUTE, architecture)
-    inject_serial_lora(model, SerialLoraConfig(**{"rank": 4, "alpha": 6.0, **config}))
-    randomize_adapters(model, seed=seed)
-    return model
-
-
-def target_model(case, dtype=torch.float32, architecture=ARCHITECTURE, **kwargs):
-    model = case.model(dtype, **kwargs)
-    setattr(model, ARCHITECTURE_ATTRIBUTE, architecture)
-    return model
-
-
-def file_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata())
-
 
 # ------------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -95,8 +67,8 @@ def test_round_trip_into_a_fresh_model(case, dtype, tmp_path):
     assert list(ours) == list(theirs)
     assert all(same_bits(ours[k], theirs[k]) for k in ours)
     config = adapter_config(target)
-    assert (config.rank, config.alpha, config.use_rslora, config.scale) == (4, 6.0, True, 3.0)
-    assert loaded.rank == 4 and loaded.alpha == 6.0 and loaded.scale == 3.0
+    assert (config.rank, config.alpha, config.use_rslora, config.scaling) == (4, 6.0, True, 3.0)
+    assert loaded.rank == 4 and loaded.alpha == 6.0 and loaded.scaling == 3.0
     assert not any(p.requires_grad for p in ours.values())  # loaded for inference by default
 
 
@@ -115,7 +87,7 @@ def test_file_layout_and_metadata(case, tmp_path):
         assert tensor.dtype == torch.float32
         assert tuple(tensor.shape) == ((4, features) if ".down." in key else (features, 4))
     assert metadata["format"] == FORMAT_NAME == "serial_lora"
-    assert metadata["format_version"] == str(FORMAT_VERSION) == "1"
+    assert metadata["format_version"] == "1"  # version 2 only for files that use modules_to_save
     assert (metadata["rank"], float(metadata["alpha"]), metadata["use_rslora"]) == ("4", 6.0, "false")
     assert float(metadata["dropout"]) == 0.1
     assert json.loads(metadata["streams"]) == {s: list(p) for s, (p, _) in case.streams.items()}
@@ -177,34 +149,13 @@ def test_partial_file_loads_only_its_attention_modules(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bad files
-@dataclass
-class Context:
-    """A valid file of the fused model (depth 2, width 16, rank 4) and a folder for bad ones."""
-
-    folder: Path
-    good: Path
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-
-    def rewrite(self, tensors=None, metadata=None, name="bad.safetensors", **changes) -> Path:
-        """A file with a valid checksum over edited tensors/metadata (so the intended check fires)."""
-        meta = {k: v for k, v in (metadata or self.metadata).items() if k != "sha256"}
-        meta.update(changes)
-        return write_file(self.folder / name, tensors if tensors is not None else self.tensors, meta)
-
-    def raw(self, data: bytes, name="bad.safetensors") -> Path:
-        path = self.folder / name
-        path.write_bytes(data)
-        return path
-
-
-def _other_model_file(ctx: Context, case: str, architecture: str, **model_kwargs) -> Path:
+def _other_model_file(ctx: FileContext, case: str, architecture: str, **model_kwargs) -> Path:
     with host_registered(HOSTS[case]):
         model = source_model(HOSTS[case], architecture=architecture, model_kwargs=model_kwargs)
     return save_serial_lora(model, ctx.folder / f"other_{case}.safetensors")
 
 
-def _without(ctx: Context, *keys: str) -> dict:
+def _without(ctx: FileContext, *keys: str) -> dict:
     return {k: v for k, v in ctx.tensors.items() if k not in keys}
 
 
@@ -221,7 +172,7 @@ class Unpicklable:
         return (Path.write_text, (Path(self.marker), "unpickled"))
 
 
-def _torch_save(ctx: Context, zipfile: bool) -> Path:
+def _torch_save(ctx: FileContext, zipfile: bool) -> Path:
     Unpicklable.marker = str(ctx.folder / "UNPICKLED")
     path = ctx.folder / ("adapter.pt" if zipfile else "legacy.bin")
     torch.save({"payload": Unpicklable(), **ctx.tensors}, path, _use_new_zipfile_serialization=zipfile)
@@ -229,14 +180,20 @@ def _torch_save(ctx: Context, zipfile: bool) -> Path:
 
 
 # name -> (make the bad file, target model state, substrings the message must contain)
-BAD_FILES: dict[str, tuple[Callable[[Context], Path], str, tuple[str, ...]]] = {
+BAD_FILES: dict[str, tuple[Callable[[FileContext], Path], str, tuple[str, ...]]] = {
     "other_width": (lambda c: _other_model_file(c, "fused", "tiny_vit_w24", dim=24),
                     "fresh", (f"{K0}.down.weight", "(4, 24)", "(4, 16)", "tiny_vit_w24", ARCHITECTURE)),
     "other_depth": (lambda c: _other_model_file(c, "fused", "tiny_vit_d3", depth=3),
-                    "fresh", ("3 attention modules", "has 2", "tiny_vit_d3", ARCHITECTURE)),
+                    "fresh", ("3 attention modules of width 16", "has 2 of width 16", "tiny_vit_d3", ARCHITECTURE)),
+    # The same architecture name on both sides: the message says what differs, not the name twice.
+    "other_depth_same_name": (lambda c: _other_model_file(c, "fused", ARCHITECTURE, depth=3), "fresh",
+                              ("3 attention modules of width 16", "this model has 2 of width 16",
+                               f"both {ARCHITECTURE!r}", "different sizes")),
+    "other_width_same_name": (lambda c: _other_model_file(c, "fused", ARCHITECTURE, dim=24), "fresh",
+                              (f"{K0}.down.weight", "(4, 24)", "16 features", f"both {ARCHITECTURE!r}")),
     "other_host": (lambda c: _other_model_file(c, "joint", "tiny_sd3"),
                    "fresh", ("blocks.0.attn.serial_lora.image.down.weight", "'image'", "tiny_sd3", ARCHITECTURE)),
-    "rank_vs_metadata": (lambda c: c.rewrite(rank="3"), "fresh", (f"{K0}.down.weight", "(4, 16)", "(16, 4)", "rank 3")),
+    "rank_vs_metadata": (lambda c: c.rewrite(rank="3"), "fresh", (f"{K0}.down.weight", "(4, 16)", "(16, 4)", "'rank' = 3")),
     "missing_up_of_a_pair": (lambda c: c.rewrite(_without(c, f"{K1}.up.weight")), "fresh",
                              (f"{K1}.up.weight", "missing", f"{K1}.down.weight")),
     "missing_down_of_a_pair": (lambda c: c.rewrite(_without(c, f"{K0}.down.weight")), "fresh",
@@ -247,10 +204,12 @@ BAD_FILES: dict[str, tuple[Callable[[Context], Path], str, tuple[str, ...]]] = {
     "extra_unknown_key": (lambda c: c.rewrite({**c.tensors, "blocks.0.attn.extra.weight": torch.zeros(2, 2)}),
                           "fresh", ("'blocks.0.attn.extra.weight'", "unexpected key")),
     "extra_attention_key": (lambda c: c.rewrite({**c.tensors, "blocks.7.attn.serial_lora.input.down.weight": torch.zeros(4, 16),
-                                                 "blocks.7.attn.serial_lora.input.up.weight": torch.zeros(16, 4)}),
+                                                 "blocks.7.attn.serial_lora.input.up.weight": torch.zeros(16, 4)},
+                                                c.metadata_without("model_attention_modules")),
                             "fresh", ("blocks.7.attn.serial_lora.input.down.weight", "'blocks.7.attn'", "does not have")),
     "key_on_a_non_attention": (lambda c: c.rewrite({**c.tensors, "head.serial_lora.input.down.weight": torch.zeros(4, 16),
-                                                    "head.serial_lora.input.up.weight": torch.zeros(16, 4)}),
+                                                    "head.serial_lora.input.up.weight": torch.zeros(16, 4)},
+                                                   c.metadata_without("model_attention_modules")),
                                "fresh", ("head.serial_lora.input.down.weight", "not an attention module")),
     "undeclared_stream": (lambda c: c.rewrite({**c.tensors, f"{K0[:-5]}text.down.weight": torch.zeros(4, 16)}),
                           "fresh", ("blocks.0.attn.serial_lora.text.down.weight", "'text'")),
@@ -271,10 +230,10 @@ BAD_FILES: dict[str, tuple[Callable[[Context], Path], str, tuple[str, ...]]] = {
     "standard_lora": (lambda c: _standard_lora(c), "fresh", ("standard LoRA", "lora_A")),
     "wrong_format_name": (lambda c: c.rewrite(format="kohya_lora"), "fresh", ("'kohya_lora'", "'serial_lora'")),
     "no_metadata": (lambda c: _plain_safetensors(c), "fresh", ("not a Serial LoRA file", "None")),
-    "newer_format_version": (lambda c: c.rewrite(format_version=str(FORMAT_VERSION + 1)), "fresh", ("format version 2", "upgrade")),
+    "newer_format_version": (lambda c: c.rewrite(format_version=str(FORMAT_VERSION + 1)), "fresh", (f"format version {FORMAT_VERSION + 1}", "upgrade")),
     "invalid_format_version": (lambda c: c.rewrite(format_version="one"), "fresh", ("format_version", "'one'")),
-    "invalid_metadata_value": (lambda c: c.rewrite(use_rslora="maybe"), "fresh", ("invalid metadata", "use_rslora")),
-    "invalid_streams_json": (lambda c: c.rewrite(streams="{input"), "fresh", ("invalid metadata",)),
+    "invalid_metadata_value": (lambda c: c.rewrite(use_rslora="maybe"), "fresh", ("metadata field 'use_rslora'", "'maybe'", "'true' or 'false'")),
+    "invalid_streams_json": (lambda c: c.rewrite(streams="{input"), "fresh", ("metadata field 'streams'", "'{input'", "not valid JSON")),
     "edited_metadata": (lambda c: _edited(c, alpha="600.0"), "fresh", ("sha256",)),
     "edited_weights": (lambda c: _edited(c, tensors={**c.tensors, f"{K0}.up.weight": c.tensors[f"{K0}.up.weight"] * 2}), "fresh", ("sha256",)),
     "checksum_removed": (lambda c: _edited(c, sha256=None), "fresh", ("sha256",)),
@@ -283,36 +242,26 @@ BAD_FILES: dict[str, tuple[Callable[[Context], Path], str, tuple[str, ...]]] = {
 }
 
 
-def _standard_lora(ctx: Context) -> Path:
+def _standard_lora(ctx: FileContext) -> Path:
     path = ctx.folder / "standard.safetensors"
     save_file({"blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 16), "blocks.0.attn.qkv.lora_B.weight": torch.zeros(48, 4)},
               path, metadata={"format": "pt"})
     return path
 
 
-def _plain_safetensors(ctx: Context) -> Path:
+def _plain_safetensors(ctx: FileContext) -> Path:
     path = ctx.folder / "plain.safetensors"
     save_file(ctx.tensors, path)
     return path
 
 
-def _edited(ctx: Context, tensors=None, **changes) -> Path:
+def _edited(ctx: FileContext, tensors=None, **changes) -> Path:
     """Edit metadata or weights but keep the old checksum (what a hand-edited file looks like)."""
     metadata = {**ctx.metadata, **changes}
     metadata = {k: v for k, v in metadata.items() if v is not None}
     path = ctx.folder / "edited.safetensors"
     save_file(tensors if tensors is not None else ctx.tensors, path, metadata=metadata)
     return path
-
-
-@pytest.fixture
-def context(tmp_path) -> Context:
-    source = source_model(HOSTS["fused"])
-    good = save_serial_lora(source, tmp_path / "good.safetensors")
-    tensors, metadata = file_tensors(good)
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    return Context(folder=folder, good=good, tensors=tensors, metadata=metadata)
 
 
 def _target_for(state: str, tmp_path) -> torch.nn.Module:

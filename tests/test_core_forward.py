@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -33,12 +34,6 @@ from serial_lora_core import (
 )
 
 SHAPES = ["BNC", "BHWC"]
-
-
-@pytest.fixture(params=list(HOSTS))
-def case(request):
-    with host_registered(HOSTS[request.param]) as host_case:
-        yield host_case
 
 
 def as_double(inputs: tuple) -> tuple:
@@ -435,7 +430,7 @@ def test_argument_host_adapts_a_keyword_argument_too():
 )
 def test_no_grad_path_equals_the_autograd_path_and_leaves_x_alone(x_dtype, adapter_dtype, autocast):
     torch.manual_seed(0)
-    adapter = StreamAdapter(features=16, rank=4, scale=0.5, dtype=adapter_dtype)
+    adapter = StreamAdapter(features=16, rank=4, scaling=0.5, dtype=adapter_dtype)
     torch.nn.init.normal_(adapter.up.weight)
     x = torch.randn(3, 5, 16, dtype=x_dtype)
     snapshot = x.clone()
@@ -449,3 +444,41 @@ def test_no_grad_path_equals_the_autograd_path_and_leaves_x_alone(x_dtype, adapt
     exact = x.double() + 0.5 * (x.double() @ adapter.down.weight.double().t()) @ adapter.up.weight.double().t()
     tolerance = 2e-2 if torch.bfloat16 in (x_dtype, inference.dtype) else 1e-5
     torch.testing.assert_close(inference.double(), exact, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "scale", "error", "words"),
+    [
+        (4.0, 1e300, ValueError, "scale=1e+300"),
+        (40.0, 1e38, ValueError, "1e+38 times the adapter's scaling 10"),  # finite alone, not times alpha/r
+        (4.0, float("nan"), ValueError, "scale=nan"),
+        (4.0, "0.5", TypeError, "real number"),
+        (4.0, True, TypeError, "real number"),
+    ],
+    ids=["1e300", "overflow_with_scaling", "nan", "string", "bool"],
+)
+def test_set_scale_refuses_values_beyond_float32_up_front(alpha, scale, error, words):
+    case = HOSTS["fused"]
+    model = case.model()
+    inject_serial_lora(model, SerialLoraConfig(rank=4, alpha=alpha))
+    randomize_adapters(model, seed=1)
+    set_serial_lora_scale(model, 0.5)
+    inputs = case.inputs()
+    before = run(model, inputs)
+    with pytest.raises(error, match=re.escape(words)):
+        set_serial_lora_scale(model, scale)
+    assert {a.scale for _, m in serial_lora_modules(model) for a in m["default"].values()} == {0.5}
+    assert torch.equal(run(model, inputs), before)
+
+
+def test_scaling_is_alpha_over_r_and_scale_is_the_user_knob():
+    model = HOSTS["fused"].model()
+    inject_serial_lora(model, SerialLoraConfig(rank=4, alpha=6.0))
+    set_serial_lora_scale(model, 0.25)
+    adapter = model.blocks[0].attn.serial_lora["default"]["input"]
+    assert (adapter.scaling, adapter.scale, adapter.factor) == (1.5, 0.25, 0.375)
+    assert "scaling=1.5, scale=0.25" in repr(adapter)
+    randomize_adapters(model, seed=2)
+    weight = model.blocks[0].attn.qkv.weight
+    expected = 0.375 * (weight.double() @ adapter.up.weight.double()) @ adapter.down.weight.double()
+    torch.testing.assert_close(adapter.projection_delta(weight).double(), expected, rtol=1e-5, atol=1e-6)

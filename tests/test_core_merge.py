@@ -10,7 +10,6 @@ from core_models import (
     HOSTS,
     TOLERANCE,
     assert_unchanged,
-    host_registered,
     randomize_adapters,
     run,
     same_bits,
@@ -34,12 +33,6 @@ from serial_lora_core import (
 )
 
 DTYPE_PARAMS = pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-
-
-@pytest.fixture(params=list(HOSTS))
-def case(request):
-    with host_registered(HOSTS[request.param]) as host_case:
-        yield host_case
 
 
 def adapted_model(case, dtype=torch.float32, freeze=True, **config):
@@ -249,3 +242,107 @@ def test_delete_one_adapter_then_the_last(case):
     assert not list(serial_lora_modules(model))
     assert snapshot(model)["hooks"] == pristine_hooks
     assert torch.equal(run(model, inputs), base)
+
+
+# ------------------------------------------------------------------------------------- tied weights
+def tie(model, path: str) -> None:
+    """Make block 1's `path` layer use block 0's weight Parameter (weight tying across attentions)."""
+    model.blocks[1].attn.get_submodule(path).weight = model.blocks[0].attn.get_submodule(path).weight
+
+
+@pytest.mark.parametrize("host", ["fused", "split"])
+def test_merge_refuses_weights_tied_across_attentions(host):
+    case = HOSTS[host]
+    model = adapted_model(case)
+    tie(model, case.streams["input"][0][-1])
+    inputs = case.inputs()
+    unmerged = run(model, inputs)
+    before = snapshot(model)
+    with pytest.raises(SerialLoraError, match="tied weights") as error:
+        merge_serial_lora(model)
+    last = case.streams["input"][0][-1]
+    assert f"'blocks.0.attn.{last}'" in str(error.value) and f"'blocks.1.attn.{last}'" in str(error.value)
+    assert not is_merged(model)
+    assert_unchanged(model, before)
+    # Unmerged, each attention still runs its own adapter on the shared weight.
+    assert torch.equal(run(model, inputs), unmerged)
+
+
+def test_one_weight_under_two_projections_of_a_stream_merges_once_and_unmerges_bit_for_bit():
+    case = HOSTS["split"]
+    model = case.model()
+    for block in model.blocks:
+        block.attn.k_proj.weight = block.attn.q_proj.weight  # q and k tied within each attention
+    inject_serial_lora(model, SerialLoraConfig(rank=4, alpha=6.0))
+    randomize_adapters(model, seed=8, std=0.25)
+    inputs = case.inputs()
+    before = snapshot(model)
+    unmerged = run(model, inputs)
+    merge_serial_lora(model)
+    torch.testing.assert_close(run(model, inputs), unmerged, rtol=0, atol=1e-5)
+    unmerge_serial_lora(model)
+    assert_unchanged(model, before)
+
+
+def test_a_projection_layer_shared_by_two_attentions_is_refused_at_injection():
+    case = HOSTS["fused"]
+    model = case.model()
+    model.blocks[1].attn.qkv = model.blocks[0].attn.qkv
+    before = snapshot(model)
+    with pytest.raises(SerialLoraError, match="same layer") as error:
+        inject_serial_lora(model, SerialLoraConfig(rank=2))
+    assert "'blocks.1.attn.qkv'" in str(error.value) and "'blocks.0.attn.qkv'" in str(error.value)
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------- all-or-nothing merge
+def _fail_second_module_merge(monkeypatch):
+    calls = []
+    original = SerialLoraAttention.merge
+
+    def merge(self, scale=1.0):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, scale)
+
+    monkeypatch.setattr(SerialLoraAttention, "merge", merge)
+
+
+def _fail_second_weight_write(monkeypatch):
+    original = torch.Tensor.copy_
+    calls = [0]
+
+    def copy_(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+@pytest.mark.parametrize("fail", [_fail_second_module_merge, _fail_second_weight_write],
+                         ids=["second_module", "second_weight_in_a_module"])
+def test_merge_rolls_back_on_any_exception(fail, monkeypatch):
+    case = HOSTS["split"]
+    model = adapted_model(case)
+    inputs = case.inputs()
+    unmerged = run(model, inputs)
+    before = snapshot(model)
+    with monkeypatch.context() as patch:
+        fail(patch)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            merge_serial_lora(model)
+    assert not is_merged(model)
+    assert_unchanged(model, before)
+    assert torch.equal(run(model, inputs), unmerged)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 1e300], ids=["nan", "inf", "1e300"])
+def test_merge_refuses_a_scale_beyond_float32(scale):
+    model = adapted_model(HOSTS["fused"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="scale="):
+        merge_serial_lora(model, scale=scale)
+    assert_unchanged(model, before)

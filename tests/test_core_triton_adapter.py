@@ -6,6 +6,7 @@ the CUDA run of the same kernel, in bfloat16 too, is tests/test_gpu_triton_adapt
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -90,3 +91,60 @@ def test_kernel_rejects_bad_arguments(x, down, up, dtype, error, words):
 
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         triton_adapter.adapted_input(x, down, up, 1.0, dtype)
+
+
+# ------------------------------------------------------------------------------------- tuned launch table
+BEST = {"block_m": 16, "block_d": 128, "num_warps": 8, "programs_per_sm": 0, "num_stages": 3, "stage_in_y": 1}
+
+
+def test_launch_parameters_come_from_the_packaged_table():
+    from serial_lora_core import triton_adapter
+
+    table = Path(triton_adapter.__file__).with_name(triton_adapter.TUNED_FILE)
+    assert triton_adapter.LAUNCH == json.loads(table.read_text())
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ({k: v for k, v in BEST.items() if k != "num_warps"}, "exactly the keys"),
+        ({**BEST, "extra": 1}, "exactly the keys"),
+        ({**BEST, "block_m": 16.5}, "non-negative integers"),
+        ({**BEST, "stage_in_y": True}, "non-negative integers"),
+        ({**BEST, "num_stages": -1}, "non-negative integers"),
+        ([1, 2], "JSON object"),
+    ],
+    ids=["missing_key", "extra_key", "float", "bool", "negative", "not_an_object"],
+)
+def test_a_bad_launch_table_is_refused(table, words):
+    from serial_lora_core import triton_adapter
+
+    with pytest.raises(ValueError, match=words) as error:
+        triton_adapter.load_launch_parameters(json.dumps(table), "somewhere/triton_tuned.json")
+    assert "somewhere/triton_tuned.json" in str(error.value) and "apply_tuned.py" in str(error.value)
+
+
+@pytest.fixture
+def apply_tuned(tmp_path, monkeypatch):
+    """benchmarks/apply_tuned.py, writing its table into tmp_path instead of the package."""
+    spec = importlib.util.spec_from_file_location("apply_tuned", TESTS.parent / "benchmarks" / "apply_tuned.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "TABLE", tmp_path / "triton_tuned.json")
+    return module
+
+
+@pytest.mark.parametrize("best", [BEST, {**BEST, "block_d": "256"}], ids=["valid", "string_value"])
+def test_apply_tuned_writes_the_data_table_and_only_a_valid_one(apply_tuned, best, tmp_path, monkeypatch):
+    from serial_lora_core import triton_adapter
+
+    results = tmp_path / "triton_tune.json"
+    results.write_text(json.dumps({"overall_best": best, "ranking": []}))
+    monkeypatch.setattr(sys, "argv", ["apply_tuned.py", str(results)])
+    if best is BEST:
+        apply_tuned.main()
+        assert triton_adapter.load_launch_parameters(apply_tuned.TABLE.read_text(), "written") == BEST
+    else:
+        with pytest.raises(SystemExit, match="non-negative integers"):
+            apply_tuned.main()
+        assert not apply_tuned.TABLE.exists()

@@ -106,7 +106,7 @@ def fused_by_hand(transformer, files_and_weights) -> dict[str, torch.Tensor]:
                 # The adapter holds the file's weights in the projection's dtype.
                 up, down = (t.to(parameter.dtype).float() for t in (pair.up, pair.down))
                 expected.setdefault(name, base.clone())
-                expected[name] += weight * adapter.scale * (base @ up) @ down
+                expected[name] += weight * adapter.scaling * (base @ up) @ down
     return expected
 
 
@@ -242,6 +242,45 @@ def test_adapter_names_default_hotswap_and_reuse(pipe, adapter_dir, tmp_path):
     assert torch.equal(generate(pipe), expected)
 
 
+def test_generated_adapter_names_never_collide(adapter_dir, tmp_path):
+    """Three loads (default, default_1, default_2), unload default_1, a fourth load: a new name, and
+    default_2 keeps its own weights (it used to be silently replaced)."""
+    transformer = tiny_sd3_transformer()
+    files = [make_adapter(tmp_path / str(seed), seed=seed) for seed in (11, 12, 13, 14)]
+    for path in files[:3]:
+        transformer.load_serial_lora_adapter(path)
+    names = lambda: diffusers_loader.transformer.adapter_names(transformer)  # noqa: E731
+    assert names() == ["default", "default_1", "default_2"]
+    diffusers_loader.transformer.unload(transformer, "default_1")
+    kept = {k: v.clone() for k, v in transformer.state_dict().items() if ".default_2." in k}
+    assert kept
+    transformer.load_serial_lora_adapter(files[3])
+    assert names() == ["default", "default_2", "default_3"]
+    for key, value in kept.items():
+        assert torch.equal(transformer.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("weights, error, pattern", [
+    ([0.25, float("nan")], ValueError, r"'default_1' is nan"),
+    ([0.25, float("inf")], ValueError, r"'default_1' is inf"),
+    ([0.25, 1e300], ValueError, r"'default_1' is 1e\+300"),
+    ([0.25, "0.5"], TypeError, r"'default_1' must be a number, got str"),
+    ([0.25, True], TypeError, r"'default_1' must be a number, got bool"),
+    ("0.5", TypeError, "number or a list of numbers"),
+])
+def test_set_adapters_checks_every_weight_before_applying_any(weights, error, pattern, pipe, adapter_dir, tmp_path):
+    pipe.load_serial_lora_weights(adapter_dir)
+    pipe.load_serial_lora_weights(make_adapter(tmp_path, seed=8))
+    pipe.set_serial_lora_adapters(["default", "default_1"], [1.0, 1.0])
+    inputs = transformer_inputs(pipe.transformer)
+    with torch.no_grad():
+        before = pipe.transformer(**inputs).sample
+    with pytest.raises(error, match=pattern):
+        pipe.set_serial_lora_adapters(["default", "default_1"], weights)
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(**inputs).sample, before)  # "default" is still at 1.0, not 0.25
+
+
 # ------------------------------------------------------------------------------------------ SD3 hosts
 def test_sd3_hosts_cover_last_block_and_sd35_attn2(tmp_path):
     pipe = tiny_sd3_pipeline(dual_attention=True)
@@ -295,7 +334,7 @@ def test_every_stream_feeds_its_three_projections_and_nothing_else():
     for attention_name, wrapper in serial_lora_modules(transformer):
         for stream, adapter in wrapper["default"].items():
             x = inputs[attention_name][stream]
-            expected = x + adapter.scale * (x @ adapter.down.weight.T) @ adapter.up.weight.T
+            expected = x + adapter.scaling * (x @ adapter.down.weight.T) @ adapter.up.weight.T
             seen = [calls[(attention_name, stream, p)] for p in wrapper.stream_specs[stream].projections]
             assert all(len(s) == 1 for s in seen)
             for s in seen:
@@ -357,6 +396,36 @@ def test_export_to_standard_lora_loads_in_stock_diffusers(streams, base_pipe, tm
     assert lora_pipe.transformer.transformer_blocks[0].attn.to_q.scaling["exported"] == 1.0
     torch.testing.assert_close(generate(lora_pipe), serial_images, atol=FUSED_TOLERANCE, rtol=0)
     assert sum(t.numel() for t in tensors.values()) > 2 * read_file(adapter).num_parameters
+
+
+def test_export_without_a_name_takes_the_only_adapter_or_the_active_ones_combined(base_pipe, tmp_path):
+    """After load_serial_lora_weights(..., adapter_name="style"), export_to_lora(pipe, path) exports "style";
+    with two active adapters it exports their summed change (rank 4 + 2), which stock diffusers reproduces."""
+    a = make_adapter(tmp_path / "a", seed=1, streams=("image", "text"), rank=4)
+    b = make_adapter(tmp_path / "b", seed=2, streams=("image",), rank=2)
+    serial_pipe = copy.deepcopy(base_pipe)
+    serial_pipe.load_serial_lora_weights(a, adapter_name="style")
+    only = load_file(export_to_lora(serial_pipe, tmp_path / "only.safetensors"))
+    assert only.keys() == load_file(export_to_lora(serial_pipe, tmp_path / "named.safetensors", "style")).keys()
+    serial_pipe.load_serial_lora_weights(b, adapter_name="subject")
+    serial_pipe.set_serial_lora_adapters(["style", "subject"], [0.7, 0.5])
+    serial_images = generate(serial_pipe)
+    exported = export_to_lora(serial_pipe, tmp_path / "both.safetensors")
+    tensors = load_file(exported)
+    assert tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 6
+    assert not tensors["transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight"][:, 4:].any()  # b: no text stream
+    lora_pipe = copy.deepcopy(base_pipe)
+    lora_pipe.load_lora_weights(str(exported), adapter_name="exported")
+    torch.testing.assert_close(generate(lora_pipe), serial_images, atol=FUSED_TOLERANCE, rtol=0)
+    serial_pipe.set_serial_lora_adapters("subject", 0.5)  # "style" switched off: "subject" alone
+    assert load_file(export_to_lora(serial_pipe, tmp_path / "sub.safetensors")).keys() == \
+        load_file(export_to_lora(serial_pipe, tmp_path / "sub2.safetensors", "subject")).keys()
+    with pytest.raises(SerialLoraError, match=r"'nope'.*\['style', 'subject'\]"):
+        export_to_lora(serial_pipe, tmp_path / "x.safetensors", "nope")
+    serial_pipe.set_serial_lora_adapters(["style", "subject"], [0.0, 0.0])
+    with pytest.raises(SerialLoraError, match=r"none of .*\['style', 'subject'\].* active"):
+        export_to_lora(serial_pipe, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_export_lora_cli_from_a_saved_transformer_folder(base_pipe, adapter_dir, tmp_path, capsys):

@@ -57,7 +57,6 @@ def kernel_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(triton_adapter, "adapted_input", counting)
     monkeypatch.setattr(adapter_module, "TRITON_MIN_ELEMENTS", 0)  # the tests' models are tiny
-    monkeypatch.setattr(adapter_module, "_triton_adapter", triton_adapter)
     return calls
 
 
@@ -67,11 +66,11 @@ def kernel_calls(monkeypatch) -> list:
 def test_kernel_matches_the_pytorch_path(case, dtype, programs_per_sm, stage_in_y, kernel_calls, monkeypatch):
     rows, d, r = KERNEL_CASES[case]
     torch.manual_seed(0)
-    adapter = StreamAdapter(d, r, scale=2.0).cuda().eval()
+    adapter = StreamAdapter(d, r, scaling=2.0).cuda().eval()
     torch.nn.init.normal_(adapter.up.weight, std=0.05)
     x = torch.randn(rows, d, device="cuda")
-    monkeypatch.setattr(triton_adapter, "PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(triton_adapter, "STAGE_IN_Y", stage_in_y)
+    monkeypatch.setitem(triton_adapter.LAUNCH, "programs_per_sm", programs_per_sm)
+    monkeypatch.setitem(triton_adapter.LAUNCH, "stage_in_y", stage_in_y)
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         fused = adapter(x)
         monkeypatch.setattr(StreamAdapter, "use_triton", False)
@@ -79,7 +78,7 @@ def test_kernel_matches_the_pytorch_path(case, dtype, programs_per_sm, stage_in_
     assert len(kernel_calls) == 1 and fused.dtype == plain.dtype == dtype
     assert relative_error(fused, plain) < 1e-2
     with torch.no_grad():
-        x.addmm_(x @ adapter.down.weight.t(), adapter.up.weight.t(), alpha=adapter.scale)  # x is now exact
+        x.addmm_(x @ adapter.down.weight.t(), adapter.up.weight.t(), alpha=adapter.factor)  # x is now exact
     assert relative_error(fused, x) < 1e-2
 
 

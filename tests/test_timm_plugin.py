@@ -162,7 +162,7 @@ def test_serial_lora_keyword_arguments(kwargs, rank, alpha, scale, dropout, rslo
     assert len(adapters) == 2
     for adapter in adapters:
         assert adapter.down.weight.shape == (rank, 64) and adapter.up.weight.shape == (64, rank)
-        assert adapter.scale == pytest.approx(scale)
+        assert adapter.scaling == pytest.approx(scale)
         assert (adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0) == dropout
         assert torch.count_nonzero(adapter.up.weight) == 0
 

@@ -86,5 +86,5 @@ def hand_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 eye = torch.eye(a.shape[1], dtype=torch.float64)
                 for projection in module.stream_specs[stream].projections:
                     key = f"{attention}.{projection}.weight"
-                    state[key] = (state[key].double() @ (eye + adapter.scale * b @ a)).to(state[key].dtype)
+                    state[key] = (state[key].double() @ (eye + adapter.scaling * b @ a)).to(state[key].dtype)
     return state

@@ -1,9 +1,11 @@
 """Runs the Triton adapter kernel through Triton's CPU interpreter and prints what the tests assert on.
 
 Started by tests/test_core_triton_adapter.py in a subprocess with TRITON_INTERPRET=1 (the variable must
-be set before Triton compiles anything, so it cannot be switched on inside the pytest process).
-Float16 only: the interpreter computes bfloat16 dots wrongly (NumPy has no bfloat16); the GPU test
-(tests/test_gpu_triton_adapter.py) covers bfloat16. Prints one JSON object.
+be set before Triton compiles anything, so it cannot be switched on inside the pytest process). The
+library dispatches to the kernel on CUDA only; this script makes its device check (`triton_device`)
+accept the CPU, where the interpreter runs. Float16 only: the interpreter computes bfloat16 dots
+wrongly (NumPy has no bfloat16); the GPU test (tests/test_gpu_triton_adapter.py) covers bfloat16.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def kernel_errors() -> dict:
 def model_outputs() -> dict:
     """Whole tiny models at inference under float16 autocast: kernel on vs the PyTorch path."""
     global calls
-    adapter_module._triton_adapter = triton_adapter
+    adapter_module.triton_device = lambda device: True  # the interpreter runs the kernel on the CPU
     triton_adapter.adapted_input = _counting
     out = {}
     model = HOSTS["fused"].model()

@@ -10,9 +10,9 @@ timm's `vision_transformer` (incl. CLIP/SigLIP ViTs), `deit`, `vision_transforme
     model = timm.create_model("vit_base_patch16_clip_224.serial_lora", pretrained=True, num_classes=10,
                               serial_lora_rank=8)     # base weights as for the plain architecture
     ...                                              # train: only adapters and the new head are trainable
-    save_serial_lora(model, "adapter.safetensors")
+    save_serial_lora(model, "adapter.safetensors", modules_to_save=("head",))   # + the new head
     model = timm.create_model("vit_base_patch16_clip_224.serial_lora", pretrained=True, num_classes=10,
-                              serial_lora_weights="adapter.safetensors")
+                              serial_lora_weights="adapter.safetensors")   # base + adapter + head
     merge_and_unload_serial_lora(model)               # a plain vit_base_patch16_clip_224 again
 
 Keyword arguments: `serial_lora_rank` (8), `serial_lora_alpha` (= rank), `serial_lora_dropout` (0),

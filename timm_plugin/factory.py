@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -78,7 +79,7 @@ class SerialLoraOptions:
         stored = {
             "rank": adapter.rank,
             "alpha": adapter.alpha,
-            "dropout": float(adapter.metadata.get("dropout", "0.0")),
+            "dropout": adapter.dropout,
             "rslora": adapter.use_rslora,
         }
         for name, value in stored.items():
@@ -86,6 +87,21 @@ class SerialLoraOptions:
             if given is not None and not (given == value or (isinstance(value, float) and math.isclose(given, value))):
                 raise ValueError(f"{PREFIX}{name}={given!r} contradicts {path}, which was trained with "
                                  f"{name}={value!r}; leave {PREFIX}{name} out when passing {PREFIX}weights")
+
+
+def warn_if_base_not_loaded(architecture: str, pretrained: bool, options: SerialLoraOptions) -> None:
+    """Warn (UserWarning) when a trained adapter is put on base weights that were never loaded.
+
+    An adapter only means something on the weights it was trained with; `pretrained=False` leaves the
+    base random (timm loads a `pretrained_cfg_overlay` file only with `pretrained=True`), which is almost
+    always a mistake. Called by the `.serial_lora` entry points before the model is built.
+    """
+    if options.weights is not None and not pretrained:
+        warnings.warn(
+            f"serial_lora_weights={str(options.weights)!r} is loaded onto '{architecture}' built with "
+            "pretrained=False, so on random base weights: its outputs mean nothing. Pass pretrained=True (with "
+            "pretrained_cfg_overlay=dict(file=...) for local base weights), or load the base weights afterwards.",
+            UserWarning, stacklevel=4)  # this function, the entry point, timm.create_model, the caller
 
 
 def make_serial_lora(model: nn.Module, architecture: str, options: SerialLoraOptions) -> nn.Module:
@@ -103,10 +119,37 @@ def make_serial_lora(model: nn.Module, architecture: str, options: SerialLoraOpt
         inject_serial_lora(model, options.config(), freeze=True)
     else:
         options.check_against_file(options.weights)
+        _fit_classifier_to_file(model, options.weights)
         model.requires_grad_(False)
         load_serial_lora(model, options.weights, architecture=architecture, trainable=True)
     _unfreeze_new_classifier(model)
     return model
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    return tuple(names) if isinstance(names, (tuple, list)) else (names,)
+
+
+def _fit_classifier_to_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Give the model the class count of the trained head the file carries (format v2 `modules_to_save`).
+
+    The file is read before anything is loaded, so the trained head's tensors fit: a model built with the
+    pretrained head (num_classes left out) gets a head of the file's size. An explicit num_classes that
+    differs from the file's is refused.
+    """
+    saved = read_file(path).modules_to_save
+    weight = saved.get(f"{_classifier_names(model)[0]}.weight")
+    if weight is None or not hasattr(model, "reset_classifier"):
+        return
+    file_classes = int(weight.shape[0])
+    classes = getattr(model, "num_classes", None)
+    if classes == file_classes:
+        return
+    if classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes"):
+        raise ValueError(f"num_classes={classes} contradicts {path}, whose trained classifier has {file_classes} "
+                         "classes; leave num_classes out to rebuild the trained classifier")
+    model.reset_classifier(file_classes)
 
 
 def _unfreeze_new_classifier(model: nn.Module) -> None:

@@ -17,6 +17,9 @@ edits the same registry tables that timm's own `@register_model` fills (timm/mod
 - `_model_entrypoints[<deprecated name>]` of those architectures: timm's deprecation shims call the
   unwrapped function, so "<old name>.serial_lora" would silently build a model without adapters;
   the wrapped shim refuses the tag and names the current architecture instead.
+- `timm.models._builder.get_pretrained_cfg`, where timm resolves a tag while building a model: wrapped
+  so that "<arch>.serial_lora" of an architecture without the tag (e.g. "resnet18.serial_lora") says
+  which families have it and why this one has not, instead of timm's bare "Invalid pretrained tag".
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterable
 
+import torch
+from timm.models import _builder as timm_builder
 from timm.models import _registry as timm_registry
 from timm.models._pretrained import PretrainedCfg
 
-from .factory import PREFIX, SerialLoraOptions, make_serial_lora
+from .factory import PREFIX, SerialLoraOptions, make_serial_lora, warn_if_base_not_loaded
 
 TAG = "serial_lora"
 
@@ -71,6 +76,7 @@ def _wrap(architecture: str, entrypoint: Callable[..., Any]) -> Callable[..., An
                                 f"'{architecture}'")
             return entrypoint(pretrained=pretrained, **kwargs)
         options = SerialLoraOptions.pop_from(kwargs)
+        warn_if_base_not_loaded(architecture, pretrained, options)
         model = entrypoint(pretrained=pretrained, **kwargs)
         return make_serial_lora(model, architecture, options)
 
@@ -118,6 +124,45 @@ def _register(architecture: str) -> None:
         arch_cfgs.cfgs[TAG] = cfg
 
 
+def _attention_classes(architecture: str) -> list[str]:
+    """Class names of the attention-like modules of `architecture` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        model = base_entrypoint(architecture)(pretrained=False)
+    return sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()
+                   or type(m).__name__.lower().endswith("attn")})
+
+
+def missing_tag_message(architecture: str) -> str:
+    """Why `<architecture>.serial_lora` does not exist, and where the tag does."""
+    module = timm_registry._model_to_module.get(architecture, "?")
+    if architecture in UNSUPPORTED:
+        why = ("its blocks compute q, k and v in one Linear together with the MLP (a parallel block), so no layer "
+               "reads the attention input alone")
+    else:
+        try:
+            attention = _attention_classes(architecture)
+        except Exception as error:  # noqa: BLE001  (only to word the message; the answer stays "no tag")
+            attention = [f"not inspectable: {type(error).__name__}"]
+        why = (f"it has attention ({', '.join(attention)}), but Serial LoRA is not registered for its module"
+               if attention else f"it has no attention layers for Serial LoRA to adapt")
+    tagged = serial_lora_architectures()
+    return (f"{architecture!r} (timm module {module!r}) has no '.{TAG}' tag: {why}. The tag exists for the "
+            f"vision transformers of timm's {', '.join(FAMILIES)} modules ({len(tagged)} architectures, e.g. "
+            f"'vit_base_patch16_clip_224.{TAG}'); list them with timm.list_models('*.{TAG}', include_tags=True).")
+
+
+def _explain_missing_tag(get_pretrained_cfg: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(get_pretrained_cfg)
+    def serial_lora_get_pretrained_cfg(model_name: str, *args: Any, **kwargs: Any):
+        architecture, tag = timm_registry.split_model_name_tag(model_name)
+        if tag == TAG and model_name not in timm_registry._model_pretrained_cfgs:
+            raise ValueError(missing_tag_message(architecture))
+        return get_pretrained_cfg(model_name, *args, **kwargs)
+
+    setattr(serial_lora_get_pretrained_cfg, _BASE_ENTRYPOINT, get_pretrained_cfg)
+    return serial_lora_get_pretrained_cfg
+
+
 def register_serial_lora_models(families: Iterable[str] = FAMILIES) -> tuple[str, ...]:
     """Register `<arch>.serial_lora` for every supported architecture of `families`; return the architectures."""
     architectures = []
@@ -131,6 +176,8 @@ def register_serial_lora_models(families: Iterable[str] = FAMILIES) -> tuple[str
         if current and timm_registry.get_arch_name(current) in architectures:
             if not hasattr(entrypoints[deprecated], _BASE_ENTRYPOINT):
                 entrypoints[deprecated] = _refuse_tag_on_deprecated(deprecated, current, entrypoints[deprecated])
+    if not hasattr(timm_builder.get_pretrained_cfg, _BASE_ENTRYPOINT):
+        timm_builder.get_pretrained_cfg = _explain_missing_tag(timm_builder.get_pretrained_cfg)
     return tuple(architectures)
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The offline proxy end to end on one GPU machine, as recorded in EXPERIMENTS.md:
+#   bash experiments/run_proxy.sh [RESULTS_DIR]
+# 1. pre-train the small ViT on procedural fractals; 2. the tuned few-shot search (all methods, both tasks);
+# 3. the four adapters for the spectrum figure. Knobs: PYTHON, WORKERS (processes sharing the GPU), BUDGET (s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-experiments/results}
+PY=${PYTHON:-python3}
+WORKERS=${WORKERS:-14}
+BUDGET=${BUDGET:-330}
+mkdir -p "$RESULTS"
+"$PY" -m experiments.pretrain_proxy --out "$RESULTS/proxy_backbone" --classes 400 --per-class 100 --epochs 40 \
+  --data-workers "$WORKERS"
+"$PY" -m experiments.proxy --backbone "$RESULTS/proxy_backbone/backbone.safetensors" --out "$RESULTS" \
+  --workers "$WORKERS" --time-budget "$BUDGET" --spectrum-dir "$RESULTS/proxy_adapters"

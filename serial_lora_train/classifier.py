@@ -1,0 +1,259 @@
+"""`serial-lora train-classifier`: fine-tune any timm `<arch>.serial_lora` image classifier (the paper's CLIP setup).
+
+    serial-lora train-classifier --model vit_base_patch16_clip_224 --pretrained \\
+        --train-dir data/train --val-dir data/val --shots 16 --seed 0 --output-dir out
+    accelerate launch --num_processes 2 -m serial_lora_train.classifier ...   # DDP
+
+The base comes from timm (`--pretrained`, or `--pretrained-file PATH` through timm's
+`pretrained_cfg_overlay=dict(file=...)`); a new head for the folder's classes is trained with the adapter
+and stored in the adapter file, so `timm.create_model("<arch>.serial_lora", serial_lora_weights=FILE)`
+rebuilds the trained classifier. Preprocessing is timm's own `resolve_data_config` / `create_transform`.
+`--method lora` trains PEFT's LoRA on qkv + proj of the same blocks instead (saved with PEFT's
+`save_pretrained`, head included as `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serial_lora_core import ARCHITECTURE_ATTRIBUTE, save_serial_lora
+
+from .data import ImageFolderScan, few_shot_indices, scan_image_folder
+from .engine import Task, TaskSetup, TrainingArguments, add_training_arguments
+from .entry import add_data_arguments, options_from, task_main, task_parser
+from .methods import MethodInfo, apply_method
+
+ADAPTER_FILE = "serial_lora.safetensors"
+PEFT_DIR = "peft_lora"
+
+
+@dataclass
+class ClassifierOptions:
+    """What the classifier task needs beyond `TrainingArguments`."""
+
+    model: str
+    train_dir: str
+    val_dir: str | None = None
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    shots: int | None = None
+    skip_bad_images: bool = False
+    augment: bool = True
+    eval_batch_size: int = 64
+
+
+def _image_folder(scan: ImageFolderScan, transform: Any) -> Any:
+    """torchvision's ImageFolder over the checked samples (unreadable ones left out)."""
+    from torchvision.datasets import ImageFolder
+
+    good = {os.path.normpath(path) for path, _ in scan.samples}
+    dataset = ImageFolder(str(scan.root), transform=transform, is_valid_file=lambda p: os.path.normpath(p) in good,
+                          allow_empty=True)
+    if dataset.classes != scan.classes:  # both sort the sub-folder names; guard against a folder changing meanwhile
+        raise ValueError(f"{scan.root}: classes changed while reading ({scan.classes} vs {dataset.classes})")
+    return dataset
+
+
+class Normalize:
+    """uint8 images (on the device) to the model's normalised float input, with torchvision's functions."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+
+
+class ClassifierTask(Task):
+    """Image classification with a timm ViT-family model: cross-entropy, top-1 on the validation folder."""
+
+    name = "classifier"
+
+    def __init__(self, options: ClassifierOptions) -> None:
+        import timm  # noqa: F401  (fail early with the import error if the timm extra is missing)
+        import timm_plugin
+
+        if options.model not in timm_plugin.SERIAL_LORA_ARCHITECTURES:
+            raise ValueError(f"--model {options.model!r} is not an architecture of the timm plugin; choose one of "
+                             "timm.list_models('*.serial_lora', include_tags=True), e.g. vit_base_patch16_clip_224")
+        if options.pretrained_file is not None and not Path(options.pretrained_file).is_file():
+            raise ValueError(f"--pretrained-file {options.pretrained_file!r} does not exist")
+        self.options = options
+        # Checked here, before any model or training is set up.
+        self.train_scan = scan_image_folder(options.train_dir, "--train-dir", skip_bad_images=options.skip_bad_images)
+        self.val_scan = None
+        if options.val_dir is not None:
+            self.val_scan = scan_image_folder(options.val_dir, "--val-dir", skip_bad_images=options.skip_bad_images)
+            if self.val_scan.classes != self.train_scan.classes:
+                raise ValueError(f"--val-dir classes {self.val_scan.classes} differ from --train-dir classes "
+                                 f"{self.train_scan.classes}; both need the same class sub-folders")
+        self.indices = None
+        if options.shots is not None:  # refuse a class smaller than --shots now; build() draws with the run's seed
+            self.indices = few_shot_indices(self.train_scan.targets, options.shots, seed=0, class_names=self.train_scan.classes)
+        self.info: MethodInfo | None = None
+        self.classifier_names: tuple[str, ...] = ()
+        self.val_set = None
+        self.args: TrainingArguments | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_scan.classes)
+
+    def create_base(self) -> nn.Module:
+        """The timm model with a new head for the folder's classes, base weights as asked."""
+        import timm
+
+        kwargs = dict(self.options.model_kwargs, num_classes=self.num_classes)
+        pretrained = self.options.pretrained
+        if self.options.pretrained_file is not None:
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(self.options.pretrained_file))
+        model = timm.create_model(self.options.model, pretrained=pretrained, **kwargs)
+        setattr(model, ARCHITECTURE_ATTRIBUTE, self.options.model)
+        return model
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        """timm's preprocessing settings of `model` (input size, interpolation, crop, mean/std)."""
+        from timm.data import resolve_data_config
+
+        overrides = {"img_size": self.options.model_kwargs["img_size"]} if "img_size" in self.options.model_kwargs else {}
+        return resolve_data_config(overrides, model=model)
+
+    def transform(self, config: dict[str, Any], training: bool) -> Any:
+        """timm's transform ending in uint8 tensors (`use_prefetcher`, as timm's own training): 4x less to
+        collate, pin and copy; `normalize` turns them into the model's input on the device."""
+        from timm.data import create_transform
+
+        return create_transform(**config, is_training=training and self.options.augment, use_prefetcher=True)
+
+    def build(self, args: TrainingArguments, accelerator: Any) -> TaskSetup:
+        from timm_plugin import unsupported_attention
+
+        self.args = args
+        if self.options.shots is not None:  # the draw follows the run's seed
+            self.indices = few_shot_indices(self.train_scan.targets, self.options.shots, args.seed,
+                                            self.train_scan.classes)
+        model = self.create_base()
+        problems = unsupported_attention(model)
+        if problems:
+            raise ValueError(f"--model {self.options.model!r}: {'; '.join(problems[:3])}")
+        heads = model.pretrained_cfg.get("classifier") or "head"
+        self.classifier_names = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+        config = self.data_config(model)
+        self.normalize = Normalize(config["mean"], config["std"])
+        train_tf, eval_tf = self.transform(config, True), self.transform(config, False)
+        model, self.info = apply_method(model, args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                        trainable_modules=self.classifier_names)
+        dataset = _image_folder(self.train_scan, train_tf)
+        if self.indices is not None:
+            dataset = torch.utils.data.Subset(dataset, self.indices)
+        if self.val_scan is not None:
+            self.val_set = _image_folder(self.val_scan, eval_tf)
+        return TaskSetup(model=model, train_dataset=dataset)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(self.normalize(images)), labels)
+
+    def evaluate(self, model: nn.Module, accelerator: Any) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.options.eval_batch_size, shuffle=False,
+                                             num_workers=self.args.dataloader_num_workers if self.args else 0)
+        total, correct, loss = 0, 0, 0.0
+        for images, labels in loader:
+            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+            logits = model(self.normalize(images)).float()
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            total += len(labels)
+        return {"val_loss": loss / total, "top1": correct / total}
+
+    def save(self, model: nn.Module, output_dir: Path) -> Path:
+        if self.info.method == "lora":
+            path = output_dir / PEFT_DIR
+            model.save_pretrained(str(path))
+            return path
+        return save_serial_lora(model, output_dir / ADAPTER_FILE, architecture=self.options.model,
+                                base_model=self._base_name(), modules_to_save=self.classifier_names)
+
+    def _base_name(self) -> str:
+        if self.options.pretrained_file is not None:
+            return f"{self.options.model} ({Path(self.options.pretrained_file).name})"
+        return self.options.model + ("" if self.options.pretrained else " (random init)")
+
+    def card(self) -> dict[str, Any]:
+        shots = f", {self.options.shots} shots per class" if self.options.shots else ""
+        skipped = len(self.train_scan.skipped) + (len(self.val_scan.skipped) if self.val_scan else 0)
+        train_count = len(self.indices) if self.indices is not None else len(self.train_scan.samples)
+        facts: dict[str, Any] = {
+            "title": f"{'Serial LoRA' if self.info.method == 'serial' else 'LoRA (PEFT)'} classifier on {self.options.model}",
+            "method_label": "Serial LoRA" if self.info.method == "serial" else "LoRA (PEFT, q,k,v,o)",
+            "base_model": self._base_name(),
+            "adapter_parameters": self.info.adapter_parameters,
+            "lora_parameters_note": self.info.note,
+            "data": (f"{train_count} training images in {self.num_classes} classes from `{self.options.train_dir}`"
+                     f"{shots}" + (f"; validation `{self.options.val_dir}`" if self.options.val_dir else "")),
+            "summary_rows": {"classes": self.num_classes, "skipped bad images": skipped},
+        }
+        if self.info.method == "serial":
+            facts["usage"] = [
+                "```python", "import timm, timm_plugin",
+                f'model = timm.create_model("{self.options.model}.serial_lora", pretrained=True, '
+                f'serial_lora_weights="{ADAPTER_FILE}")', "```",
+            ]
+        return facts
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.options
+        return {"model": o.model, "pretrained": o.pretrained, "pretrained_file": o.pretrained_file,
+                "model_kwargs": o.model_kwargs, "train_dir": str(o.train_dir), "val_dir": o.val_dir, "shots": o.shots,
+                "augment": o.augment}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The classifier's options plus the engine's."""
+    g = parser.add_argument_group("classifier")
+    g.add_argument("--model", required=True, help="timm architecture with the .serial_lora tag, e.g. vit_base_patch16_clip_224")
+    g.add_argument("--pretrained", action="store_true", help="load timm's pretrained base weights")
+    g.add_argument("--pretrained-file", dest="pretrained_file", help="local base weights (timm's pretrained_cfg_overlay file)")
+    g.add_argument("--model-kwargs", dest="model_kwargs", type=_json_dict, default={},
+                   help='JSON of extra timm.create_model arguments, e.g. \'{"img_size": 32, "depth": 2}\'')
+    g.add_argument("--train-dir", dest="train_dir", required=True, help="image folder, one sub-folder per class")
+    g.add_argument("--val-dir", dest="val_dir", help="validation image folder with the same class sub-folders")
+    g.add_argument("--shots", type=int, help="train on N images per class, drawn with --seed (few-shot)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="train with the evaluation transform")
+    add_data_arguments(g, eval_batch_size=64, bad="unreadable images")
+    add_training_arguments(parser, rank=32, learning_rate=2e-4, dropout=0.25, train_batch_size=32)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--model-kwargs is not JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the classifier trainer from parsed arguments; bad input exits with status 2 and one clear line."""
+    return task_main(args, lambda: ClassifierTask(options_from(ClassifierOptions, args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main(task_parser("serial-lora train-classifier", __doc__, add_arguments).parse_args()))

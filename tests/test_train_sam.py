@@ -1,0 +1,180 @@
+"""`serial-lora train-sam`: a tiny transformers SamModel, image/mask folders written here (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import SamModel
+
+import serial_lora_core as core
+from hf_tiny import SAM_IMAGE, tiny_sam
+from serial_lora_core.cli import main as cli_main
+from serial_lora_train.engine import METRICS_FILE, TrainingArguments, train
+from serial_lora_train.sam import (
+    ADAPTER_FILE,
+    PEFT_DIR,
+    SamOptions,
+    SamTask,
+    box_from_mask,
+    dice_bce_loss,
+    dice_scores,
+    mask_logits,
+)
+
+FAST = ["--rank", "4", "--train-batch-size", "4", "--learning-rate", "1e-2", "--dropout", "0",
+        "--disable-progress-bar", "--mixed-precision", "no"]
+
+
+def write_mask_folder(root: Path, count: int = 6, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """images/ + masks/: a bright rectangle (the object) on a noisy dark background, its mask 0/255."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    width, height = size
+    for i in range(count):
+        x0, y0 = rng.integers(2, width // 2), rng.integers(2, height // 2)
+        x1, y1 = x0 + rng.integers(8, width // 2), y0 + rng.integers(8, height // 2)
+        mask = np.zeros((height, width), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        image = rng.normal(40, 10, (height, width, 3))
+        image[mask > 0] = (220, 200, 60)
+        Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(root / "images" / f"img{i}.jpg")
+        Image.fromarray(mask).save(root / "masks" / f"img{i}.png")
+    return root
+
+
+@pytest.fixture
+def sam_data(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(base model folder, train folder, val folder)."""
+    base = tmp_path / "base"
+    tiny_sam().save_pretrained(base)
+    return base, write_mask_folder(tmp_path / "train", 8), write_mask_folder(tmp_path / "val", 2, seed=1)
+
+
+def _mask(cells: str) -> torch.Tensor:
+    return torch.tensor([[c == "#" for c in row] for row in cells.split()])
+
+
+@pytest.mark.parametrize("pred, target, dice", [
+    ("##.. ##.. .... ....", "##.. ##.. .... ....", 1.0),
+    ("##.. ##.. .... ....", ".... .... ..## ..##", 0.0),
+    ("##.. ##.. .... ....", ".##. .##. .... ....", 0.5),      # 2 shared of 4 + 4
+    ("#... #... .... ....", "##.. ##.. ##.. ....", 0.5),      # 2 shared of 2 + 6
+    ("#### #### #### ####", "#... .... .... ....", 2 / 17),
+])
+def test_dice_on_hand_made_masks(pred, target, dice):
+    got = dice_scores(_mask(pred)[None], _mask(target)[None])
+    torch.testing.assert_close(got, torch.tensor([dice]))
+
+
+def test_box_prompt_is_the_bounding_box_of_the_mask_and_the_loss_vanishes_on_a_perfect_prediction():
+    mask = _mask(".... .##. .### ....").float()
+    assert box_from_mask(mask).tolist() == [1.0, 1.0, 4.0, 3.0]  # x1, y1, x2, y2 (exclusive ends)
+    assert dice_bce_loss((mask * 2 - 1)[None] * 30, mask[None]).item() < 1e-3
+    assert dice_bce_loss(-(mask * 2 - 1)[None] * 30, mask[None]).item() > 1
+
+
+@pytest.mark.parametrize("method", ["serial", "lora"])
+def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(method, sam_data, tmp_path):
+    base, train_dir, val_dir = sam_data
+    out = tmp_path / "out"
+    task = SamTask(SamOptions(model=str(base), data_dir=str(train_dir), val_dir=str(val_dir), box_jitter=0.0))
+    # The whole training set in every batch: the losses of successive steps are comparable.
+    result = train(task, TrainingArguments(output_dir=str(out), method=method, rank=4, dropout=0.0, train_batch_size=8,
+                                           learning_rate=2e-2, max_train_steps=5, mixed_precision="no",
+                                           disable_progress_bar=True))
+    losses = [r["loss"] for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 5 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert set(result.metrics) == {"dice", "val_loss"} and 0 <= result.metrics["dice"] <= 1
+    fresh = SamModel.from_pretrained(base).eval()
+    trained = result.model.eval()
+    frozen = {k: v for k, v in fresh.state_dict().items() if not k.startswith("vision_encoder.")}
+    now = trained.state_dict() if method == "serial" else trained.get_base_model().state_dict()
+    assert frozen and all(torch.equal(now[k], v) for k, v in frozen.items())  # prompt encoder + mask decoder
+    if method == "lora":
+        assert (out / PEFT_DIR / "adapter_config.json").is_file()
+        return
+    adapter = core.read_file(out / ADAPTER_FILE)
+    assert json.loads(adapter.metadata["towers"]) == ["image_encoder"]
+    assert all(name.startswith("vision_encoder.") for name in adapter.attentions)
+    core.load_serial_lora(fresh, out / ADAPTER_FILE)  # the plain core one-liner
+    pixels, boxes, _ = next(iter(torch.utils.data.DataLoader(task.val_set, batch_size=2)))
+    with torch.no_grad():
+        torch.testing.assert_close(mask_logits(fresh, pixels, boxes), mask_logits(trained, pixels, boxes),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_data_fraction_and_validation_split_are_drawn_with_the_seed(sam_data):
+    _, train_dir, _ = sam_data
+    task = SamTask(SamOptions(model="unused", data_dir=str(train_dir), val_fraction=0.25, data_fraction=0.5))
+    train_pairs, val_pairs = task._split(seed=0)
+    assert (len(train_pairs), len(val_pairs)) == (3, 2)  # 8 pairs: 2 held out, half of the other 6 trained on
+    assert not set(train_pairs) & set(val_pairs)
+    assert task._split(seed=0) == (train_pairs, val_pairs)
+    assert any(task._split(seed=s) != (train_pairs, val_pairs) for s in range(1, 5))
+
+
+def _break(root: Path, kind: str) -> str:
+    """Spoil the mask of img0 in one way; return the message expected."""
+    mask = root / "masks" / "img0.png"
+    if kind == "missing":
+        mask.unlink()
+        return r"no mask .*img0\.png for image .*img0\.jpg"
+    if kind == "size":
+        Image.fromarray(np.full((10, 12), 255, np.uint8)).save(mask)
+        return r"mask .*img0\.png is 12x10 but image .*img0\.jpg is 48x40"
+    if kind == "binary":
+        Image.fromarray(np.arange(48 * 40).reshape(40, 48).astype(np.uint8)).save(mask)
+        return r"mask .*img0\.png is not binary \(values \[0, 1, 2, "
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(mask)
+    return r"mask .*img0\.png is empty \(no object pixel\)"
+
+
+@pytest.mark.parametrize("kind", ["missing", "size", "binary", "empty"])
+def test_a_bad_mask_is_named_or_skipped_and_counted(kind, sam_data, tmp_path, capsys):
+    base, train_dir, val_dir = sam_data
+    message = _break(train_dir, kind)
+    args = ["train-sam", "--model", str(base), "--data-dir", str(train_dir), "--val-dir", str(val_dir),
+            "--max-train-steps", "1", *FAST]
+    out = tmp_path / "out"
+    assert cli_main([*args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serial-lora: error: ") and re.search(message, err), err
+    assert "--skip-bad-images" in err and not out.exists()
+    assert cli_main([*args, "--output-dir", str(out), "--skip-bad-images"]) == 0
+    assert re.search(r"skipped bad pairs\s+1\b", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data-fraction", "0"], r"--data-fraction must be in \(0, 1\]"),
+    (["--box-jitter", "1.5"], r"--box-jitter must be in \[0, 1\)"),
+    (["--data-dir", "/nonexistent"], r"--data-dir='/nonexistent' needs the sub-folders images/ and masks/"),
+    (["--model", "/nonexistent/sam"], r"--model '/nonexistent/sam': cannot load a SamModel"),
+])
+def test_bad_arguments_exit_2_with_one_clear_line(extra, message, sam_data, tmp_path, capsys):
+    base, train_dir, _ = sam_data
+    args = ["train-sam", "--model", str(base), "--data-dir", str(train_dir), "--output-dir", str(tmp_path / "o"),
+            "--max-train-steps", "1", *FAST, *extra]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serial-lora: error: ") and re.search(message, err), err
+
+
+def test_inputs_are_resized_to_the_model_and_training_boxes_are_jittered_within_bounds(sam_data):
+    base, train_dir, val_dir = sam_data
+    task = SamTask(SamOptions(model=str(base), data_dir=str(train_dir), val_dir=str(val_dir), box_jitter=0.1))
+    train_set = task.build(TrainingArguments(output_dir="unused", rank=4, mixed_precision="no"), None).train_dataset
+    pixels, box, mask = task.val_set[0]
+    assert pixels.shape == (3, SAM_IMAGE, SAM_IMAGE) and mask.shape == (SAM_IMAGE, SAM_IMAGE)
+    torch.testing.assert_close(box[0], box_from_mask(mask))  # validation boxes are exact
+    exact = box_from_mask(train_set[0][2])
+    side = (exact[2:] - exact[:2]).repeat(2)
+    jittered = torch.stack([train_set[0][1][0] for _ in range(5)])
+    assert not torch.equal(jittered[0], jittered[1])  # a new draw each time (the engine seeds each sample's draw)
+    assert ((jittered - exact).abs() <= 0.1 * side + 1e-5).all()
