@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     tiny = not args.pretrained and args.data is None
     sizes = TINY if tiny else {**({"img_size": args.image_size} if args.image_size else {}), **args.model_kwargs}
     steps, lr, batch = args.max_train_steps, args.learning_rate, args.train_batch_size
+    if tiny and "OMP_NUM_THREADS" not in os.environ:
+        # 64-wide matrices are too small to share between threads: on 2 busy cores a second thread made
+        # this run 10x slower (waiting threads), never faster. Big models keep torch's default.
+        torch.set_num_threads(1)
 
     if args.data:
         train_set, heldout, num_classes = image_folder(args.data, args.image_size or 224, args.holdout_fraction, args.seed)

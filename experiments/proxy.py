@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.common import environment, fmt, markdown_table, mean_std, smoke_banner, write_results
+from experiments.common import environment, fmt, markdown_table, smoke_banner, write_results
 from experiments.pretrain_proxy import ARCH, augment, build_backbone, to_input
 from experiments.procedural import digits_dataset, shapes_dataset
 
@@ -452,8 +452,12 @@ def markdown(summary: dict[str, Any], record: dict[str, Any]) -> str:
         out += [f"## Step time (batch {record['step_time_batch']}, {record['environment']['device']}, one process)\n\n",
                 markdown_table(["method", "ms / step", "adapter params", "trainable params"], body), "\n"]
     edges = [k for k, v in rows.items() if v["edge"]]
-    out.append("Grid edges: " + ("no method's best value sits at the edge of its searched grid.\n" if not edges else
-               f"still at an edge after {record['max_rounds']} widening rounds: {', '.join(edges)}.\n"))
+    untuned = [k for k, v in rows.items() if len(v["searched_lr"]) < 2]
+    out.append("Grid edges: " + ("no method's best value sits at the edge of its searched grid" if not edges else
+               f"best value still at the edge of the searched grid (after {record['max_rounds']} widening "
+               f"round(s)) for: {', '.join(edges)}") + ".\n")
+    if untuned:
+        out.append(f"Not tuned (a single learning rate searched): {', '.join(untuned)}.\n")
     return "".join(out)
 
 

@@ -2,7 +2,8 @@
 # The offline proxy end to end on one GPU machine, as recorded in EXPERIMENTS.md:
 #   bash experiments/run_proxy.sh [RESULTS_DIR]
 # 1. pre-train the small ViT on procedural fractals; 2. the tuned few-shot search (all methods, both tasks);
-# 3. the four adapters for the spectrum figure. Knobs: PYTHON, WORKERS (processes sharing the GPU), BUDGET (s).
+# 3. the four adapters of the spectrum figure and the figure (Fig. 3). Knobs: PYTHON, WORKERS (processes sharing the
+# GPU), BUDGET (seconds for the search).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-experiments/results}
@@ -14,3 +15,5 @@ mkdir -p "$RESULTS"
   --data-workers "$WORKERS"
 "$PY" -m experiments.proxy --backbone "$RESULTS/proxy_backbone/backbone.safetensors" --out "$RESULTS" \
   --workers "$WORKERS" --time-budget "$BUDGET" --spectrum-dir "$RESULTS/proxy_adapters"
+"$PY" -m experiments.spectrum --backbone "$RESULTS/proxy_backbone/backbone.safetensors" \
+  --adapters "$RESULTS/proxy_adapters" --out "$RESULTS/spectrum"

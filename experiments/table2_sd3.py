@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.common import environment, smoke_banner, write_results
-from experiments.tables import METHOD_ARGS, SMOKE_ARGS, REPO, layout, tests_module, train, write_class_folders
+from experiments.common import smoke_banner, write_results
+from experiments.tables import (METHOD_ARGS, SMOKE_ARGS, base_record, layout, resolve, table_parser, tests_module,
+                               train, write_class_folders)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -52,6 +53,25 @@ class TinyFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(images.float() / 255.0)).mean((2, 3)).double()
+
+
+class TensorFeatures(nn.Module):
+    """A CLIPModel whose get_image/text_features return tensors: torchmetrics 1.9's CLIPScore expects that, while
+    transformers 5 returns an output object (the projected embeddings are its pooler_output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def pairs(folder: Path) -> list[tuple[Path, str]]:
@@ -127,14 +147,14 @@ def smoke_setup(root: Path) -> tuple[str, Path, list[str], str]:
         for image in sorted(folder.glob("*/*.png")):
             shutil.copy(image, target / f"{image.parent.name}_{image.name}")
             (target / f"{image.parent.name}_{image.stem}.txt").write_text(f"a {image.parent.name}")
-    return str(root / "tiny_sd3"), root / "data", ["shapes"], str(clip)
+    return str(root / "tiny_sd3"), root / "data", ["shapes"], str(clip), None
 
 
 def run(args: argparse.Namespace, base: str, data_root: Path, datasets: list[str], clip_model: str,
         work: Path) -> list[dict[str, Any]]:
     from transformers import CLIPModel, CLIPProcessor
 
-    clip_loader = lambda: (CLIPModel.from_pretrained(clip_model), CLIPProcessor.from_pretrained(clip_model))  # noqa: E731
+    clip_loader = lambda: (TensorFeatures(CLIPModel.from_pretrained(clip_model)), CLIPProcessor.from_pretrained(clip_model))  # noqa: E731
     fid_feature = {"feature": TinyFeatures()} if args.smoke else {"feature": 2048, "feature_extractor_weights_path": args.fid_weights}
     runs = []
     for dataset in datasets:
@@ -167,38 +187,24 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="SD3 pipeline: cached hub id or local folder")
-    parser.add_argument("--data-root", help="folder with <style>/train and <style>/test (images + .txt captions)")
-    parser.add_argument("--datasets", nargs="+", help="style folder names under --data-root")
+    parser = table_parser(__doc__, "SD3", "folder with <style>/train and <style>/test (images + .txt captions)",
+                          "--fractions", float, [0.2, 0.5, 1.0], epochs=10)
     parser.add_argument("--clip-model", dest="clip_model", help="local CLIPModel + CLIPProcessor folder for CLIPScore")
     parser.add_argument("--fid-weights", dest="fid_weights", help="torch-fidelity Inception weights file for FID")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.5, 1.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARGS), choices=list(METHOD_ARGS))
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs (the paper: 10)")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--inference-steps", dest="inference_steps", type=int, default=28)
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=7.0)
-    parser.add_argument("--out", required=True, help="folder for table2_sd3.md/.json and the runs")
-    parser.add_argument("--smoke", action="store_true", help="tiny random SD3 + tiny CLIP + tiny FID features (seconds)")
     args, args.extra = parser.parse_known_args(argv)  # anything else goes to train-sd3 (e.g. --rank 64)
+    if args.smoke:
+        args.fractions, args.seeds, args.resolution, args.inference_steps = [0.5], 1, 32, 2
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            args.fractions, args.seeds, args.resolution, args.inference_steps = [0.5, 1.0], 1, 32, 2
-            model, data_root, datasets, clip_model = smoke_setup(Path(tmp))
-        else:
-            if not (args.model and args.data_root and args.datasets and args.clip_model and args.fid_weights):
-                parser.error("--model, --data-root, --datasets, --clip-model and --fid-weights are required (or --smoke)")
-            model, data_root, datasets, clip_model = args.model, Path(args.data_root), args.datasets, args.clip_model
-        record = {"table": "II", "smoke": args.smoke, "model": "tiny random SD3 (smoke)" if args.smoke else model,
+        model, data_root, datasets, clip_model, _ = resolve(parser, args, smoke_setup, Path(tmp),
+                                                            required=("clip_model", "fid_weights"))
+        record = {**base_record("II", args, "SD3", model, datasets), "fractions": args.fractions,
                   "clip_model": "tiny random CLIP (smoke)" if args.smoke else clip_model,
                   "fid_features": "tiny random conv features (smoke: not Inception)" if args.smoke else
-                  f"Inception v3 pool 2048 ({args.fid_weights})",
-                  "datasets": datasets, "fractions": args.fractions, "methods": args.methods, "seeds": args.seeds,
-                  "epochs": None if args.smoke else args.epochs, "resolution": args.resolution,
+                  f"Inception v3 pool 2048 ({args.fid_weights})", "resolution": args.resolution,
                   "inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale,
-                  "extra_trainer_args": args.extra, "environment": environment(),
                   "runs": run(args, model, data_root, datasets, clip_model, Path(tmp) / "subsets")}
     write_results(args.out, "table2_sd3", record, markdown(record))
     return record

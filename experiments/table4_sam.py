@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.common import environment, smoke_banner, write_results
-from experiments.tables import METHOD_ARGS, SMOKE_ARGS, layout, run_grid, tests_module, write_mask_folders
+from experiments.common import smoke_banner, write_results
+from experiments.tables import (SMOKE_ARGS, base_record, layout, resolve, run_grid, table_parser, tests_module,
+                               write_mask_folders)
 
 
 def smoke_setup(root: Path) -> tuple[str, Path, list[str]]:
@@ -56,29 +57,15 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="SAM hub id (cached) or local folder")
-    parser.add_argument("--data-root", help="folder with <dataset>/train and <dataset>/val (images/ + masks/)")
-    parser.add_argument("--datasets", nargs="+", help="dataset folder names under --data-root")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.5, 1.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARGS), choices=list(METHOD_ARGS))
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs (the paper: 5)")
-    parser.add_argument("--out", required=True, help="folder for table4_sam.md/.json and the runs")
-    parser.add_argument("--smoke", action="store_true", help="tiny random SAM + procedural masks (seconds)")
+    parser = table_parser(__doc__, "SAM", "folder with <dataset>/train and <dataset>/val (images/ + masks/)",
+                          "--fractions", float, [0.2, 0.5, 1.0], epochs=5)
     args, args.extra = parser.parse_known_args(argv)  # anything else goes to train-sam (e.g. --rank 64)
+    if args.smoke:
+        args.fractions, args.seeds = [0.5], 1
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            args.fractions, args.seeds = [0.5, 1.0], 1
-            model, data_root, datasets = smoke_setup(Path(tmp))
-        else:
-            if not (args.model and args.data_root and args.datasets):
-                parser.error("--model, --data-root and --datasets are required (or --smoke)")
-            model, data_root, datasets = args.model, Path(args.data_root), args.datasets
-        record = {"table": "IV", "smoke": args.smoke, "model": "tiny random SAM (smoke)" if args.smoke else model,
-                  "datasets": datasets, "fractions": args.fractions, "methods": args.methods, "seeds": args.seeds,
-                  "epochs": None if args.smoke else args.epochs, "extra_trainer_args": args.extra,
-                  "environment": environment(), "runs": run(args, model, data_root, datasets)}
+        model, data_root, datasets = resolve(parser, args, smoke_setup, Path(tmp))
+        record = {**base_record("IV", args, "SAM", model, datasets), "fractions": args.fractions,
+                  "runs": run(args, model, data_root, datasets)}
     write_results(args.out, "table4_sam", record, markdown(record))
     return record
 

@@ -121,3 +121,41 @@ def layout(runs: list[dict[str, Any]], datasets: list[str], settings: list[Any],
         params = next((r["adapter_parameters"] for r in runs if r["method"] == method), 0)
         rows.append([setting_label(setting), method, f"{params:,}", *cells])
     return markdown_table(["", "method", "adapter params", *datasets], rows)
+
+
+def table_parser(doc: str, system: str, data_help: str, setting: str, setting_type: type, setting_default: list,
+                 epochs: int) -> Any:
+    """The options every table script shares; `setting` is its data-setting flag (--shots, --fractions)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help=f"{system}: hub id already in the Hugging Face cache, or a local folder")
+    parser.add_argument("--data-root", help=data_help)
+    parser.add_argument("--datasets", nargs="+", help="dataset folder names under --data-root")
+    parser.add_argument(setting, nargs="+", type=setting_type, default=setting_default)
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARGS), choices=list(METHOD_ARGS))
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (the paper: {epochs})")
+    parser.add_argument("--out", required=True, help="folder for the table (.md), its record (.json) and the runs")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny random {system} + procedural data (CPU, seconds)")
+    return parser
+
+
+def resolve(parser: Any, args: Any, smoke_setup: Any, tmp: Path, required: tuple[str, ...] = ()) -> tuple:
+    """(model, data root, datasets, *extra) from the arguments, or the smoke set-up's tiny ones in `tmp`."""
+    if args.smoke:
+        return smoke_setup(tmp)
+    names = ("model", "data_root", "datasets", *required)
+    if not all(getattr(args, name) for name in names):
+        parser.error(", ".join("--" + n.replace("_", "-") for n in names) + " are required (or --smoke)")
+    return (args.model, Path(args.data_root), args.datasets, *(getattr(args, n) for n in required))
+
+
+def base_record(table: str, args: Any, system: str, model: str, datasets: list[str]) -> dict[str, Any]:
+    """The fields every table record starts with."""
+    from experiments.common import environment
+
+    return {"table": table, "smoke": args.smoke, "model": f"tiny random {system} (smoke)" if args.smoke else model,
+            "datasets": datasets, "methods": args.methods, "seeds": args.seeds,
+            "epochs": None if args.smoke else args.epochs, "extra_trainer_args": args.extra,
+            "environment": environment()}

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# The tests' models are tiny: one thread each is faster than threads waiting on each other.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "${SERIAL_LORA_VENV:-.venv}/bin/python" -m pytest -q "$@"

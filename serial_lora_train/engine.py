@@ -531,7 +531,10 @@ def _accelerator(args: TrainingArguments) -> Any:
     # those in process-wide singletons that refuse a change, so start them afresh (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Without a GPU, `cpu=True` makes a multi-process launch (`accelerate launch --multi_gpu`, torchrun) a gloo
+    # process group (MULTI_CPU); without it each CPU process would silently train alone.
+    return Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       cpu=not torch.cuda.is_available())
 
 
 def _uses_fsdp(accelerator: Any) -> bool:
@@ -732,7 +735,7 @@ def train(task: Task, args: TrainingArguments) -> TrainResult:
     trained = _model_to_save(task, args, accelerator, model)
     if accelerator.is_main_process:
         adapter_path = task.save(trained, out)
-        facts = {"trainable_parameters": trainable_count, **task.card()}
+        facts = {"trainable_parameters": trainable_count, "processes": accelerator.num_processes, **task.card()}
         summary = summary_table(task, args, facts, train_loss, metrics)
         write_model_card(out / CARD_FILE, task, args, facts, train_loss, metrics, adapter_path, step)
         print(summary)
@@ -775,7 +778,8 @@ def _rows(task: Task, args: TrainingArguments, facts: dict[str, Any], train_loss
           metrics: dict[str, float]) -> list[tuple[str, str]]:
     rows = [("task", task.name), ("method", facts.get("method_label", args.method)), ("rank", str(args.rank))]
     labels = {"base_model": "base model", "adapter_parameters": "adapter parameters",
-              "trainable_parameters": "trainable parameters", "lora_parameters_note": "vs LoRA at this rank"}
+              "trainable_parameters": "trainable parameters", "lora_parameters_note": "vs LoRA at this rank",
+              "processes": "processes"}
     for key, label in labels.items():
         if key in facts:
             value = facts[key]

@@ -131,22 +131,35 @@ def test_job_learning_rates_follow_the_grid():
 # ------------------------------------------------------------------------------------ scripts, smoke mode
 
 
-def test_pretrain_proxy_smoke_writes_a_loadable_backbone(tmp_path):
-    from experiments.pretrain_proxy import build_backbone, main
+@pytest.fixture(scope="module")
+def smoke_backbone(tmp_path_factory) -> Path:
+    """The folder `pretrain_proxy --smoke` writes (tiny ViT, 10 fractal classes, 2 steps)."""
+    from experiments.pretrain_proxy import main
+
+    out = tmp_path_factory.mktemp("backbone")
+    assert main(["--smoke", "--out", str(out)])["smoke"]
+    return out
+
+
+def test_pretrain_proxy_smoke_writes_a_loadable_backbone(smoke_backbone):
     from safetensors.torch import load_file
 
-    record = main(["--smoke", "--out", str(tmp_path)])
-    assert record["smoke"] and json.loads((tmp_path / "pretrain.json").read_text())["classes"] == 10
-    state = load_file(str(tmp_path / "backbone.safetensors"))
-    model = build_backbone(7, smoke=True, file=str(tmp_path / "backbone.safetensors"))
+    from experiments.pretrain_proxy import build_backbone
+
+    assert json.loads((smoke_backbone / "pretrain.json").read_text())["classes"] == 10
+    state = load_file(str(smoke_backbone / "backbone.safetensors"))
+    model = build_backbone(7, smoke=True, file=str(smoke_backbone / "backbone.safetensors"))
     assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     assert model.get_classifier().out_features == 7  # a new head for the new task
     with pytest.raises(ValueError, match="does not fit"):
-        build_backbone(7, smoke=False, file=str(tmp_path / "backbone.safetensors"))
+        build_backbone(7, smoke=False, file=str(smoke_backbone / "backbone.safetensors"))
 
 
-def test_proxy_smoke_end_to_end(tmp_path):
-    record = proxy.main(["--smoke", "--out", str(tmp_path), "--spectrum-dir", str(tmp_path / "adapters")])
+def test_proxy_smoke_end_to_end_with_spectrum(smoke_backbone, tmp_path):
+    from experiments import spectrum
+
+    backbone = str(smoke_backbone / "backbone.safetensors")
+    record = proxy.main(["--smoke", "--backbone", backbone, "--out", str(tmp_path), "--spectrum-dir", str(tmp_path / "adapters")])
     saved = json.loads((tmp_path / "proxy.json").read_text())
     table = (tmp_path / "proxy.md").read_text()
     assert saved["smoke"] and "SMOKE MODE" in table
@@ -158,8 +171,52 @@ def test_proxy_smoke_end_to_end(tmp_path):
     assert rows["digits|1|LoRA r/4"]["adapter_parameters"] * 4 == lora["adapter_parameters"]
     assert all(math.isfinite(t["ms_per_step"]) for t in saved["step_times"].values())
     assert {p["pair"] for p in saved["paired"]} == {"Serial - LoRA", "Serial+ - LoRA+", "Serial - LoRA r/4"}
-    assert (tmp_path / "adapters" / "serial.safetensors").is_file()
-    assert (tmp_path / "adapters" / "lora" / "adapter_config.json").is_file()
     rebuilt = proxy.main(["--from-records", str(tmp_path / "proxy_records.jsonl"), "--out", str(tmp_path / "again")])
     assert rebuilt["rows"].keys() == saved["rows"].keys()
     assert "INCOMPLETE" in (tmp_path / "again" / "proxy.md").read_text()
+    # Fig. 3 from the saved adapters: one CSV row per block x projection x singular value (2 x 3 x 32).
+    result = spectrum.main(["--smoke", "--backbone", backbone, "--adapters", str(tmp_path / "adapters"),
+                            "--out", str(tmp_path / "spectrum")])
+    assert [r["rows"] for r in result.values()] == [2 * 3 * 32] * 2
+    assert all(Path(r["png"]).stat().st_size > 1000 for r in result.values())
+
+
+# LoRA's adapter parameters / Serial's on each tiny system: CLIP split q,k,v,o (4x), SAM's fused qkv + proj (3x,
+# PEFT shares A across q,k,v), SD3 (3.75x: the last joint block has no text output projection).
+TABLES = {"table2_sd3": ("fid", 3.75), "table3_clip": ("top1", 4.0), "table4_sam": ("dice", 3.0)}
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_paper_table_script_smoke_end_to_end(name, tmp_path):
+    import importlib
+
+    from experiments.tables import METHOD_ARGS
+
+    metric, ratio = TABLES[name]
+    record = importlib.import_module(f"experiments.{name}").main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    table = (tmp_path / f"{name}.md").read_text()
+    assert saved["smoke"] and record["smoke"] and "SMOKE MODE" in table
+    assert sorted(r["method"] for r in saved["runs"]) == sorted(METHOD_ARGS)
+    assert all(math.isfinite(r["metrics"][metric]) for r in saved["runs"])
+    params = {r["method"]: r["adapter_parameters"] for r in saved["runs"]}
+    assert params["LoRA"] == params["LoRA+"] == ratio * params["Serial LoRA"] > 0
+    assert params["Serial LoRA"] == params["Serial LoRA+"]
+    assert all(f"| {method} |" in table for method in METHOD_ARGS)
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_paper_table_script_needs_its_inputs(name, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"experiments.{name}").main(["--out", "unused"])
+    assert exit_info.value.code == 2 and "required (or --smoke)" in capsys.readouterr().err
+
+
+def test_sd3_table_names_an_image_without_caption(tmp_path):
+    from experiments.table2_sd3 import pairs
+
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no caption \(.txt\) for \['a.png'\]"):
+        pairs(tmp_path)

@@ -181,12 +181,14 @@ def test_two_process_accelerate_launch_writes_one_file(image_folders, base_file,
     out = tmp_path / "ddp"
     args = cli_args(train_dir, out, base_file, "--max-train-steps", "2", "--train-batch-size", "3")[1:]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--multi_gpu` on a machine without GPUs: two processes in a gloo group (accelerate's `--cpu` would run one).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
               "serial_lora_train.classifier", *args]
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trainable parameters") == 1  # only the main process prints
+    assert re.search(r"^processes\s+2$", done.stdout, re.M), done.stdout  # both trained, in one group
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", ADAPTER_FILE, METRICS_FILE, "run.json"])
     steps = [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()]
     assert steps == [1, 2]
