@@ -17,11 +17,10 @@ Variants (fp32 weights, bf16 autocast, AdamW on the trainable parameters), as be
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
-from common import device, environment, record, training_comparison
+from common import device, environment, record, section_args, training_comparison
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import CLIPConfig, CLIPModel, SamConfig, SamModel
 
@@ -115,15 +114,8 @@ def sam_trainer(mode: str, rank: int, batch: int, smoke: bool, info: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny models, few iterations (CPU check)")
-    parser.add_argument("--sections", default="clip,sam")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--name", default="clip_sam", help="results file name (without .json)")
-    args = parser.parse_args()
-    smoke, sections = args.smoke, args.sections.split(",")
-    iters, warmup = (2, 1) if smoke else (args.iters, 3)
+    args, sections, iters, warmup = section_args("clip_sam", "tiny models, few iterations (CPU check)", __doc__, sections="clip,sam")
+    smoke = args.smoke
     rank = 4 if smoke else 32
     clip_batch, sam_batch = (4, 2) if smoke else (256, 4)
     results = {"env": environment(), "rank": rank, "clip_batch": clip_batch, "sam_batch": sam_batch,

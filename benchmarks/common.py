@@ -7,6 +7,7 @@ variant alike, and measures each variant's peak memory as if it were alone on th
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import platform
@@ -21,6 +22,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 GIB = 2**30
+
+
+def benchmark_parser(name: str, smoke: str, iters: int = 20, description: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark shares: --out (results folder), --smoke (`smoke` says what it runs
+    instead), --iters (timed steps) and --name (results file name, default `name`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--name", default=name, help="results file name (without .json)")
+    return parser
+
+
+def section_args(name: str, smoke: str, description: str | None, sections: str) -> tuple[argparse.Namespace, list[str], int, int]:
+    """Parsed `benchmark_parser` options plus --sections (comma list, default `sections`): the options,
+    the sections to run, and (timed steps, warm-up steps): (--iters, 3), or (2, 1) with --smoke."""
+    parser = benchmark_parser(name, smoke, description=description)
+    parser.add_argument("--sections", default=sections)
+    args = parser.parse_args()
+    return args, args.sections.split(","), *((2, 1) if args.smoke else (args.iters, 3))
 
 
 def device() -> torch.device:

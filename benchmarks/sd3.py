@@ -14,7 +14,6 @@ bf16 base weights with fp32 adapters under bf16 autocast (diffusers' LoRA traini
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (compare, device, environment, free, ratios, record, sync, training_comparison, training_ratios,
-                    without_triton_kernel)
+from common import (compare, device, environment, free, ratios, record, section_args, sync, training_comparison,
+                    training_ratios, without_triton_kernel)
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, inject_adapter_in_model
@@ -234,15 +233,8 @@ def loading(rank: int, smoke: bool, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--sections", default="train,infer,load,rank,tokens")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--name", default="sd3", help="results file name (without .json)")
-    args = parser.parse_args()
-    smoke, sections = args.smoke, args.sections.split(",")
-    iters, warmup = (2, 1) if smoke else (args.iters, 3)
+    args, sections, iters, warmup = section_args("sd3", "tiny sizes, few iterations (CPU check)", __doc__, sections="train,infer,load,rank,tokens")
+    smoke = args.smoke
     batch, latent, text, rank = (2, 16, 8, 4) if smoke else (2, 128, 154, 64)
     results = {"env": environment(), "config": "smoke" if smoke else "sd3-medium-sized", "transformer": MEDIUM,
                "batch": batch, "latent": latent, "pixels": latent * 8, "text_tokens": text, "rank": rank,

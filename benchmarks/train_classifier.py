@@ -17,14 +17,13 @@ Targets (issue 11): trainer_memory_serial >= 0.95 x bare_serial; trainer_jpeg_se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from common import device, environment, measure, record
+from common import benchmark_parser, device, environment, measure, record
 
 import timm
 import timm_plugin  # noqa: F401
@@ -34,6 +33,7 @@ from serial_lora_train.methods import apply_method
 
 ARCH = "vit_base_patch16_clip_224"
 SMOKE = dict(depth=2, embed_dim=64, num_heads=2)
+SMOKE_HELP = "tiny model, few steps, CPU (seconds)"
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -116,15 +116,11 @@ def write_jpegs(root: Path, count: int, size: int, classes: int = 8) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU (seconds)")
-    parser.add_argument("--iters", type=int, default=30)
+    parser = benchmark_parser("train_classifier", SMOKE_HELP, iters=30, description=__doc__)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--jpeg-images", type=int, default=2048)
     parser.add_argument("--sections", default="memory,jpeg")
-    parser.add_argument("--name", default="train_classifier")
     args = parser.parse_args()
     smoke = args.smoke
     batch, img, rank = (4, 32, 4) if smoke else (256, 224, 32)

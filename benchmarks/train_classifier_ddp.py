@@ -12,24 +12,19 @@ of both runs are recorded next to each other. Target (issue 11): 2 GPUs >= 1.8 x
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from common import environment
-from train_classifier import SyntheticClassifier, run_trainer
+from common import benchmark_parser, environment
+from train_classifier import SMOKE_HELP, SyntheticClassifier, run_trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU (seconds)")
-    parser.add_argument("--iters", type=int, default=30)
+    parser = benchmark_parser("train_classifier_ddp", SMOKE_HELP, iters=30, description=__doc__)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--name", default="train_classifier_ddp")
     args = parser.parse_args()
     batch, img, rank = (4, 32, 4) if args.smoke else (256, 224, 32)
     iters, warmup, workers = (3, 1, 0) if args.smoke else (args.iters, args.warmup, args.workers)

@@ -16,14 +16,13 @@ is needed. Issue 11's target: trainer steps/s >= 0.95 x the bare step's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from common import compare, cuda, device, environment, free, record
+from common import benchmark_parser, compare, cuda, device, environment, free, record
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from sd3 import MEDIUM, SMOKE
 from sd3 import trainer as bare_trainer
@@ -97,12 +96,8 @@ def comparison(methods: list[str], config: dict, rank: int, batch: int, latent: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny config on CPU, seconds (tests run it)")
+    parser = benchmark_parser("train_sd3", "tiny config on CPU, seconds (tests run it)", description=__doc__)
     parser.add_argument("--methods", default="serial", help="comma list of serial, lora")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--name", default="train_sd3", help="results file name (without .json)")
     args = parser.parse_args()
     iters, warmup = (3, 2) if args.smoke else (args.iters, 3)
     batch, latent, text, rank = (2, 16, 8, 4) if args.smoke else (2, 128, 154, 64)

@@ -13,13 +13,12 @@ Variants (all fp32 weights, bf16 autocast, AdamW on the trainable parameters):
 
 from __future__ import annotations
 
-import argparse
 
 import timm
 import torch
 import torch.nn.functional as F
-from common import (compare, device, environment, free, ratios, record, training_comparison, training_ratios,
-                    without_triton_kernel)
+from common import (compare, device, environment, free, ratios, record, section_args, training_comparison,
+                    training_ratios, without_triton_kernel)
 from peft import LoraConfig, inject_adapter_in_model
 
 from serial_lora_core import SerialLoraConfig, inject_serial_lora, merge_serial_lora, serial_lora_parameters
@@ -100,15 +99,8 @@ def inferer(mode: str, rank: int, batch: int, img: int, smoke: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, few iterations (CPU check)")
-    parser.add_argument("--sections", default="train,infer,compile,rank,tokens")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--name", default="vit", help="results file name (without .json)")
-    args = parser.parse_args()
-    smoke, sections = args.smoke, args.sections.split(",")
-    iters, warmup = (2, 1) if smoke else (args.iters, 3)
+    args, sections, iters, warmup = section_args("vit", "tiny sizes, few iterations (CPU check)", __doc__, sections="train,infer,compile,rank,tokens")
+    smoke = args.smoke
     batch, img, rank = (4, 32, 4) if smoke else (256, 224, 32)
     results = {"env": environment(), "arch": ARCH, "batch": batch, "img": img, "rank": rank,
                "peft_target_modules": PEFT_TARGETS, "iters": iters, "warmup": warmup}

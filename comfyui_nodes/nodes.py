@@ -24,6 +24,7 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from serial_lora_core import AdapterFile, SerialLoraError, read_file, save_standard_lora
+from serial_lora_core.export import DIFFUSERS_PREFIX
 from serial_lora_core.formula import equivalent_up
 
 from .keymap import CLIP_PREFIXES, MODEL_PREFIXES, PatchTarget, plan_patches
@@ -72,7 +73,8 @@ def load_adapter(name: str) -> AdapterFile:
     """Read and validate a Serial LoRA once; later calls reuse it while the file's content is the same.
 
     The cache keys on the sha256 the file stores (which `read_file` checks against the content), not on
-    its modification time and size, which a different file copied with `cp -p` can share.
+    its modification time and size, which a different file copied with `cp -p` can share. A file that
+    also carries whole modules (format version 2 `modules_to_save`, e.g. a trained head) is refused.
     """
     path = adapter_path(name)
     digest = stored_sha256(path)
@@ -81,6 +83,11 @@ def load_adapter(name: str) -> AdapterFile:
         _CACHE.move_to_end(path)
         return cached[1]
     adapter = read_file(path)
+    if adapter.modules_to_save:  # refused before caching: a cached adapter is always one the nodes can apply
+        raise SerialLoraError(
+            f"Serial LoRA {path!r} also stores whole trained modules (modules_to_save "
+            f"{list(adapter.info.modules_to_save)}), which ComfyUI cannot apply: it applies weight patches only. "
+            "Use this file with serial_lora_core.load_serial_lora, or save the adapter without modules_to_save")
     _CACHE[path] = (adapter.metadata["sha256"], adapter)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -140,8 +147,14 @@ def _strength_input(name: str, tooltip: str) -> io.Float.Input:
     return io.Float.Input(name, default=1.0, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
 
 
+def _schema(node_id: str, display_name: str, **fields) -> io.Schema:
+    """A node schema of this pack: its category is ComfyUI's LoRA loaders' one."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, **fields)
+
+
 MODEL_INPUT_TOOLTIP = "The diffusion model the Serial LoRA will be applied to."
-STRENGTH_MODEL_TOOLTIP = "How strongly to modify the diffusion model. This value can be negative."
+STRENGTH_MODEL_TOOLTIP = ("The Serial LoRA's scale on the diffusion model: 1 = as trained, 0 = off. "
+                          "This value can be negative.")
 
 
 class SerialLoraLoader(io.ComfyNode):
@@ -149,10 +162,8 @@ class SerialLoraLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="SerialLoraLoader",
-            display_name="Load Serial LoRA",
-            category=CATEGORY,
+        return _schema(
+            "SerialLoraLoader", "Load Serial LoRA",
             search_aliases=["serial lora", "load serial lora", "lora"],
             description="Applies a Serial LoRA (one shared low-rank pair per attention stream, before q/k/v) to the "
                         "diffusion model and, for adapters that also carry text-encoder attention, to CLIP.",
@@ -161,7 +172,8 @@ class SerialLoraLoader(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP model the Serial LoRA's text-encoder part will be applied to."),
                 _lora_name_input(),
                 _strength_input("strength_model", STRENGTH_MODEL_TOOLTIP),
-                _strength_input("strength_clip", "How strongly to modify the CLIP model. This value can be negative."),
+                _strength_input("strength_clip", "The Serial LoRA's scale on the CLIP model: 1 = as trained, 0 = off. "
+                                                 "This value can be negative."),
             ],
             outputs=[io.Model.Output(tooltip="The modified diffusion model."),
                      io.Clip.Output(tooltip="The modified CLIP model.")],
@@ -209,9 +221,8 @@ def current_weight(key_patches: dict, key: str) -> torch.Tensor:
 
 def _diffusers_names(pairs: dict) -> tuple[dict, str]:
     # diffusers' loaders want `transformer.` as the prefix (also in the PEFT metadata), names under it.
-    prefix = "transformer."
-    if pairs and all(name.startswith(prefix) for name in pairs):
-        return {name[len(prefix):]: pair for name, pair in pairs.items()}, prefix
+    if pairs and all(name.startswith(DIFFUSERS_PREFIX) for name in pairs):
+        return {name[len(DIFFUSERS_PREFIX):]: pair for name, pair in pairs.items()}, DIFFUSERS_PREFIX
     return pairs, ""
 
 
@@ -220,7 +231,7 @@ def export_standard_lora(adapter: AdapterFile, model, strength: float, path: str
     (its base weights with its own patches): per projection, down = A and up = strength·s·W_proj B,
     under the per-projection names of ComfyUI's key map (diffusers style for SD3,
     `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`), which ComfyUI's LoRA loaders and
-    diffusers' `load_lora_weights` both read (alpha absent = scale 1)."""
+    diffusers' `load_lora_weights` both read (alpha absent = LoRA scale 1)."""
     pairs = {}
     weights: dict[str, torch.Tensor] = {}
     key_patches = model.get_key_patches()
@@ -234,7 +245,7 @@ def export_standard_lora(adapter: AdapterFile, model, strength: float, path: str
     pairs, prefix = _diffusers_names(pairs)
     save_standard_lora(pairs, path, prefix=prefix,
                        metadata={"exported_from_serial_lora": os.path.basename(adapter.path),
-                                 "strength": repr(float(strength))})
+                                 "scale": repr(float(strength))})  # strength_model is the scale
     return path
 
 
@@ -254,10 +265,8 @@ class SaveSerialLoraAsLora(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="SaveSerialLoraAsLora",
-            display_name="Save Serial LoRA as LoRA",
-            category=CATEGORY,
+        return _schema(
+            "SaveSerialLoraAsLora", "Save Serial LoRA as LoRA",
             description="Exports a Serial LoRA as the exactly equivalent standard LoRA (about 4x larger, exact only for "
                         "the weights this model has) into the loras folder as <filename_prefix>_00001_.safetensors "
                         "(a new number each time, never overwriting), for the stock LoRA loader, diffusers and other tools.",

@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from comfy.weight_adapter import WeightAdapterBase
 from serial_lora_core import SerialLoraError
-from serial_lora_core.formula import weight_delta
+from serial_lora_core.formula import adapted_input, weight_delta
 
 
 class SerialLoraWeightAdapter(WeightAdapterBase):
@@ -63,8 +62,7 @@ class SerialLoraWeightAdapter(WeightAdapterBase):
                 "apply (it sees the whole module output); load this adapter without bypass")
         down = down.to(device=x.device, dtype=x.dtype)
         up = up.to(device=x.device, dtype=x.dtype)
-        adapted = x + (getattr(self, "multiplier", 1.0) * scaling) * F.linear(F.linear(x, down), up)
-        return org_forward(adapted, *args, **kwargs)
+        return org_forward(adapted_input(x, down, up, getattr(self, "multiplier", 1.0) * scaling), *args, **kwargs)
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         # Serial LoRA changes the module's input, not its output: only bypass_forward can apply it.

@@ -3,7 +3,7 @@
     import diffusers_loader            # the import is the opt-in: it calls install()
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
     pipe.load_serial_lora_weights("user/repo", weight_name="serial_lora_weights.safetensors", adapter_name="style")
-    pipe.set_serial_lora_scale(0.8)                  # strength without fusing (0 = base model)
+    pipe.set_serial_lora_scale(0.8)                  # scale without fusing (0 = base model, 1 = trained)
     pipe.set_serial_lora_adapters(["style", "subject"], [1.0, 0.5])
     pipe.fuse_serial_lora(); pipe.unfuse_serial_lora()   # unfuse restores the weights bit for bit
     pipe.unload_serial_lora_weights()

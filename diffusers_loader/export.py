@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from serial_lora_core import SerialLoraError, adapter_names, model_equivalent_lora, save_standard_lora
+from serial_lora_core.export import DIFFUSERS_PREFIX
 
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -42,9 +43,9 @@ def export_to_lora(pipe_or_transformer, path: str | os.PathLike, adapter_name: s
                    scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Path:
     """Write the standard-LoRA equivalent of the loaded Serial LoRA (keys `transformer.<module>.lora_A.weight`).
 
-    `adapter_name=None` exports the only loaded adapter, or, with several, every active one (strength
+    `adapter_name=None` exports the only loaded adapter, or, with several, every active one (scale
     not 0) combined: their exact summed change, as after `set_serial_lora_adapters`. The adapters'
-    current strengths and `scale` are baked into `lora_B`; the file's `lora_adapter_metadata` gives
+    current scales and `scale` (a factor on top of them) are baked into `lora_B`; the file's `lora_adapter_metadata` gives
     diffusers r = lora_alpha, so stock `pipe.load_lora_weights(path)` applies it at a LoRA scale of
     exactly 1. The transformer must not be fused (W must be the base). The command-line equivalent,
     from a file and base weights: `serial-lora export-lora IN OUT --base MODEL`.
@@ -58,10 +59,10 @@ def export_to_lora(pipe_or_transformer, path: str | os.PathLike, adapter_name: s
         raise SerialLoraError("no Serial LoRA adapter is loaded; load one with pipe.load_serial_lora_weights() first")
     names = [adapter_name] if adapter_name is not None else loaded
     per_adapter = {name: model_equivalent_lora(transformer, name, scale) for name in names}
-    # An adapter at strength 0 (switched off by set_serial_lora_adapters) contributes exactly nothing.
+    # An adapter at scale 0 (switched off by set_serial_lora_adapters) contributes exactly nothing.
     active = [pairs for pairs in per_adapter.values() if any(up.any() for _, up in pairs.values())]
     if len(names) > 1 and not active:
-        raise SerialLoraError(f"none of the loaded Serial LoRA adapters {loaded} is active (all have strength 0); "
-                              "set a strength with pipe.set_serial_lora_adapters() or pass adapter_name")
+        raise SerialLoraError(f"none of the loaded Serial LoRA adapters {loaded} is active (all have scale 0); "
+                              "set a scale with pipe.set_serial_lora_adapters() or pass adapter_name")
     pairs = per_adapter[names[0]] if len(names) == 1 else side_by_side(active)
-    return save_standard_lora(pairs, path, prefix="transformer.", dtype=dtype)
+    return save_standard_lora(pairs, path, prefix=DIFFUSERS_PREFIX, dtype=dtype)

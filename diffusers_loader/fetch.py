@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from serial_lora_core import SerialLoraFileError
+from serial_lora_core.export import is_hub_repo_id
 
 DEFAULT_WEIGHT_NAME = "serial_lora_weights.safetensors"
 HUB_KWARGS = ("revision", "cache_dir", "force_download", "token", "local_files_only", "user_agent", "repo_type")
@@ -50,7 +51,7 @@ def resolve_adapter_file(
                                       f"{DEFAULT_WEIGHT_NAME!r}; pass weight_name= to pick one")
         return str(files[0])
     repo_id = str(path_or_repo_id)
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1 or path.suffix in (".safetensors", ".bin", ".pt"):
+    if not is_hub_repo_id(repo_id):
         raise SerialLoraFileError(f"{repo_id!r} is neither an existing local file or folder nor a hub repo id "
                                   "('user/name')")
     from huggingface_hub import hf_hub_download

@@ -56,7 +56,7 @@ class SerialLoraLoaderMixin:
     """Serial LoRA methods for pipelines with a `transformer` (SD3 pipelines get them from `install()`).
 
     Loading a file: `load_serial_lora_weights(path_or_repo_id, weight_name=None, adapter_name=None)`;
-    strength: `set_serial_lora_scale` / `set_serial_lora_adapters`; `fuse_serial_lora` / `unfuse_serial_lora`
+    the user's scale (0 = base model, 1 = trained): `set_serial_lora_scale` / `set_serial_lora_adapters`; `fuse_serial_lora` / `unfuse_serial_lora`
     (bit-exact); `unload_serial_lora_weights`; `save_serial_lora_weights`. Exact export to a standard
     LoRA for stock diffusers: `diffusers_loader.export_to_lora(pipe, path)`.
     """
@@ -93,12 +93,13 @@ class SerialLoraLoaderMixin:
             base_model or _name_or_path(self))
 
     def set_serial_lora_scale(self, scale: float, adapter_name: str | None = None) -> None:
-        """Strength of one adapter (or all) without fusing: 0 is the base model."""
+        """Scale of one adapter (or all) without fusing: 0 is the base model, 1 the trained adapter."""
         set_serial_lora_scale(self._serial_lora_transformer(), scale, adapter_name)
 
     def set_serial_lora_adapters(self, adapter_names: str | list[str],
                                  adapter_weights: float | list[float] | None = None) -> None:
-        """Use these adapters with these weights (the others are switched off), like diffusers' `set_adapters`."""
+        """Use these adapters at these scales (`adapter_weights`; the others are switched off), like diffusers'
+        `set_adapters`."""
         ops.set_adapters(self._serial_lora_transformer(), adapter_names, adapter_weights)
 
     def get_serial_lora_adapters(self) -> list[str]:
@@ -114,8 +115,8 @@ class SerialLoraLoaderMixin:
         disable_serial_lora(self._serial_lora_transformer())
 
     def fuse_serial_lora(self, scale: float = 1.0) -> None:
-        """Fold the adapters, at their current strengths, into the transformer's weights
-        (W + scale·sum w·s·(W B) A, computed in float32)."""
+        """Fold the adapters, at their current scales m, into the transformer's weights
+        (W + scale·sum m·s·(W B) A with s = alpha/r, computed in float32)."""
         ops.fuse(self._serial_lora_transformer(), scale)
 
     def unfuse_serial_lora(self) -> None:

@@ -142,7 +142,7 @@ def load_into_transformer(transformer: nn.Module, path_or_repo_id: str | os.Path
     """Load an adapter file (local file/folder or hub repo id) as `adapter_name` (default: a fresh name).
 
     An `adapter_name` already in use is refused unless `hotswap=True`, which replaces its weights in place
-    (same attention modules, streams and rank) and keeps its strength.
+    (same attention modules, streams and rank) and keeps its scale.
     """
     known = adapter_names(transformer)
     if adapter_name is None:
@@ -161,8 +161,8 @@ def load_into_transformer(transformer: nn.Module, path_or_repo_id: str | os.Path
         raise
 
 
-def _strengths(names: list[str], weights: float | list[float] | None) -> list[float]:
-    """One finite float per adapter name, checked before anything is applied."""
+def _scales(names: list[str], weights: float | list[float] | None) -> list[float]:
+    """One finite scale per adapter name from diffusers-style `adapter_weights`, checked before anything is applied."""
     if weights is None:
         weights = [1.0] * len(names)
     elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
@@ -170,18 +170,20 @@ def _strengths(names: list[str], weights: float | list[float] | None) -> list[fl
     elif isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
         raise TypeError(f"adapter_weights must be a number or a list of numbers, got {type(weights).__name__}")
     if len(weights) != len(names):
-        raise SerialLoraError(f"got {len(names)} adapter names and {len(weights)} weights; pass one weight per adapter")
+        raise SerialLoraError(f"got {len(names)} adapter names and {len(weights)} adapter_weights; pass one scale per "
+                              "adapter")
     largest = torch.finfo(torch.float32).max  # the adapters compute in float32 or narrower
     for name, weight in zip(names, weights):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"the weight of adapter {name!r} must be a number, got {type(weight).__name__} ({weight!r})")
+            raise TypeError(f"the scale of adapter {name!r} must be a number, got {type(weight).__name__} ({weight!r})")
         if not math.isfinite(weight) or abs(weight) > largest:
-            raise ValueError(f"the weight of adapter {name!r} is {weight!r}; pass a finite number (e.g. 0.0 to 1.0)")
+            raise ValueError(f"the scale of adapter {name!r} is {weight!r}; pass a finite number (e.g. 0.0 to 1.0)")
     return [float(w) for w in weights]
 
 
 def set_adapters(transformer: nn.Module, adapter_names_: str | list[str], weights: float | list[float] | None = None) -> None:
-    """Activate these adapters with these strengths (diffusers' `set_adapters`); the others get 0.
+    """Activate these adapters with these scales (diffusers' `set_adapters` and its `adapter_weights`); the others
+    get scale 0.
 
     Everything (names, weights, the fused state) is checked first: a refused call changes nothing.
     """
@@ -191,21 +193,21 @@ def set_adapters(transformer: nn.Module, adapter_names_: str | list[str], weight
         names = list(adapter_names_)
     else:
         raise TypeError(f"adapter_names must be a name or a list of names, got {adapter_names_!r}")
-    strengths = dict(zip(names, _strengths(names, weights)))
+    scales = dict(zip(names, _scales(names, weights)))
     known = adapter_names(transformer)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SerialLoraError(f"unknown Serial LoRA adapter(s) {unknown}; loaded: {known}")
-    if len(strengths) != len(names):
+    if len(scales) != len(names):
         raise SerialLoraError(f"adapter_names {names} name an adapter twice; pass each adapter once")
     if is_merged(transformer):
-        raise SerialLoraError("the Serial LoRA is fused; call unfuse_serial_lora() before changing the adapters' weights")
+        raise SerialLoraError("the Serial LoRA is fused; call unfuse_serial_lora() before changing the adapters' scales")
     for name in known:
-        set_serial_lora_scale(transformer, strengths.get(name, 0.0), adapter_name=name)
+        set_serial_lora_scale(transformer, scales.get(name, 0.0), adapter_name=name)
 
 
 def fuse(transformer: nn.Module, scale: float = 1.0) -> None:
-    """Fold the adapters (at their current strengths) into the weights: W + scale·sum w·s·(W B) A."""
+    """Fold the adapters (at their current scales m) into the weights: W + scale·sum m·s·(W B) A, s = alpha/r."""
     check_transformer(transformer, "fuse the Serial LoRA")
     merge_serial_lora(transformer, scale)
 

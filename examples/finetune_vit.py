@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tiny = not args.pretrained and args.data is None
-    sizes = TINY if tiny else {**({"img_size": args.image_size} if args.image_size else {}), **args.model_kwargs}
+    # The synthetic images are TINY's size; a real architecture on them gets that input size (timm resamples
+    # its position embeddings when it loads pretrained weights).
+    image_size = args.image_size or (None if args.data else TINY["img_size"])
+    sizes = TINY if tiny else {**({"img_size": image_size} if image_size else {}), **args.model_kwargs}
     steps, lr, batch = args.max_train_steps, args.learning_rate, args.train_batch_size
     if tiny and "OMP_NUM_THREADS" not in os.environ:
         # 64-wide matrices are too small to share between threads: on 2 busy cores a second thread made

@@ -61,7 +61,10 @@ def build_backbone(num_classes: int, smoke: bool = False, file: str | None = Non
     import timm
     from safetensors.torch import load_file
 
+    from serial_lora_core import ARCHITECTURE_ATTRIBUTE
+
     model = timm.create_model(ARCH, pretrained=False, num_classes=num_classes, **(SMOKE_BACKBONE if smoke else BACKBONE))
+    setattr(model, ARCHITECTURE_ATTRIBUTE, ARCH)  # adapter files record it, and loading checks it
     if file is None:
         return model
     state = {k: v for k, v in load_file(str(file)).items() if not k.startswith("head.")}  # a new task, a new head

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.common import environment, fmt, markdown_table, smoke_banner, write_results
-from experiments.pretrain_proxy import ARCH, augment, build_backbone, to_input
+from experiments.pretrain_proxy import augment, build_backbone, to_input
 from experiments.procedural import digits_dataset, shapes_dataset
 
 PAPER_LR, PAPER_RATIO, PAPER_RANK, PAPER_DROPOUT, PAPER_EPOCHS = 2e-4, 20.0, 32, 0.25, 50
@@ -346,8 +346,12 @@ def at_edge(configs: dict[tuple[int, int], list[dict]], best: tuple[int, int]) -
     return edges
 
 
+def _done(records: Iterable[dict[str, Any]]) -> set[Job]:
+    return {Job(**{k: r[k] for k in ("task", "shots", "seed", "method", "lr_exp", "ratio_exp")}) for r in records}
+
+
 def extension_jobs(records: list[dict[str, Any]], seeds: Sequence[int], limit: int) -> list[Job]:
-    """Widen the grid of every (task, shots, method) whose best configuration sits at an edge."""
+    """Widen the grid of every (task, shots, method) whose best configuration sits at an edge (runs not yet done)."""
     jobs: set[Job] = set()
     for (task, n, method), configs in _by_cell(records).items():
         best = select(configs)
@@ -357,6 +361,7 @@ def extension_jobs(records: list[dict[str, Any]], seeds: Sequence[int], limit: i
         new_ratios = [best[1] + edges["ratio"]] if "ratio" in edges and abs(best[1] + edges["ratio"]) <= limit else []
         configs_new = [(lr, r) for lr in new_lrs for r in ratios] + [(lr, r) for r in new_ratios for lr in lrs + new_lrs]
         jobs.update(Job(task, n, s, method, lr, r) for lr, r in configs_new for s in seeds)
+    jobs -= _done(records)
     return sorted(jobs, key=lambda j: (j.task, j.shots, j.method, j.lr_exp, j.ratio_exp, j.seed))
 
 
@@ -496,7 +501,7 @@ def save_spectrum_adapters(folder: str, task: str, shots: int) -> dict[str, Any]
         model, record = train_job(Job(task, shots, 0, method))
         name = method.replace("+", "_plus").lower()
         if METHODS[method].kind == "serial":
-            path = save_serial_lora(model.cpu(), out / f"{name}.safetensors", architecture=ARCH, modules_to_save=("head",))
+            path = save_serial_lora(model.cpu(), out / f"{name}.safetensors", modules_to_save=("head",))
         else:
             path = out / name
             model.cpu().save_pretrained(str(path))
@@ -546,6 +551,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--spectrum-dir", help="also train LoRA, LoRA+, Serial, Serial+ at the paper's defaults on "
                         "the first task's largest shot count (seed 0) and save their adapters here (for Fig. 3)")
     parser.add_argument("--smoke", action="store_true", help="tiny random backbone, few runs (CPU, seconds)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in OUT/proxy_records.jsonl and run only what is missing (and widen)")
     parser.add_argument("--from-records", dest="from_records",
                         help="rebuild proxy.json/.md from a proxy_records.jsonl of an interrupted search, without training")
     args = parser.parse_args(argv)
@@ -563,10 +570,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "proxy_records.jsonl"
-    log.unlink(missing_ok=True)
     records: list[dict[str, Any]] = []
-    jobs = grid_jobs(args.tasks, args.shots, seeds, args.methods, args.lr_half_width, args.ratio_half_width)
-    planned, rounds = len(jobs), 0
+    if args.resume and log.is_file():  # keep the runs of an earlier (interrupted or narrower) search
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    else:
+        log.unlink(missing_ok=True)
+    jobs = [j for j in grid_jobs(args.tasks, args.shots, seeds, args.methods, args.lr_half_width,
+                                 args.ratio_half_width) if j not in _done(records)]
+    planned, rounds = len(records) + len(jobs), 0
+    if not jobs and records:
+        jobs = extension_jobs(records, seeds, args.lr_half_width + MAX_EXTENSION)
+        planned += len(jobs)
     build_backbone(10, args.smoke, args.backbone)  # fail here, before any worker starts, if the file does not fit
     with worker_pool(args.workers, init_args) as pool:
         while jobs and time.perf_counter() < deadline:

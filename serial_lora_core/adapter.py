@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formula import weight_delta
+from .formula import adapted_input, weight_delta
 
 # Below this many input elements the PyTorch path is used: there the forward is bound by the host's
 # launch rate (SD3 at batch 2, 1024 px: 8192 x 1536), and a Triton launch costs more host time than
@@ -130,7 +130,7 @@ class StreamAdapter(nn.Module):
     def traceable_add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """base + s·m·B·A·dropout(x) in plain tensor operations, for symbolic tracers (torch.fx),
         which cannot answer the dtype and autograd questions `add_to` asks."""
-        return base + self.factor * self.up(self.down(self.dropout(x)))
+        return adapted_input(self.dropout(x), self.down.weight, self.up.weight, self.factor, base=base)
 
     def _triton_applies(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         # Cheapest tests first: this runs for every adapted input. Under torch.compile the PyTorch

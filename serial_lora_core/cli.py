@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefix", default=None,
                         help="key prefix of the output (default: from the file: 'transformer.' for diffusers "
                              "transformers, '' for timm and other bare models)")
-    export.add_argument("--scale", type=float, default=1.0, help="strength baked into the export (default 1)")
+    export.add_argument("--scale", type=float, default=1.0,
+                        help="the adapter's scale baked into the export, as in set_serial_lora_scale: "
+                             "1 = as trained (default), 0 = the base model")
     export.set_defaults(run=_export_lora)
     _add_trainer_commands(commands)
     return parser

@@ -1,7 +1,8 @@
 """The Serial LoRA formulas, once: the scaling rule and the exact weight change of a projection.
 
-Every consumer (merge, export, the ComfyUI weight patch, the analysis) calls these; nothing else in
-the project writes `alpha / r` or `(W B) A`.
+Every consumer (merge, export, the ComfyUI weight patch and bypass, the analysis) calls these; nothing
+else in the project writes `alpha / r`, `(W B) A` or `x + f·B A x` (the fused forward of
+`StreamAdapter.add_to` and the Triton kernel compute that last one in their own, faster way).
 
 Names follow PEFT/diffusers: `scaling` is alpha/r (alpha/sqrt(r) with rsLoRA), fixed by the
 adapter's hyper-parameters; `scale` is the user's knob on top of it (0 = base model, 1 = trained).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -38,3 +40,15 @@ def weight_delta(
     W (I + f·B A) x = (W + f·(W B) A) x, so merging adds this to W. Computed in `dtype` on W's device.
     """
     return equivalent_up(weight, up, factor, dtype) @ down.detach().to(device=weight.device, dtype=dtype)
+
+
+def adapted_input(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, factor: float, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """base + factor·B A x (base defaults to x): a stream's input as its q/k/v projections see it.
+
+    Plain tensor operations in the tensors' own dtype and device, so symbolic tracers (torch.fx) and
+    ComfyUI's bypass mode can run it. `base` differs from x when several adapters are summed, or when
+    dropout is applied to the x fed to A but not to the x that passes through.
+    """
+    return (x if base is None else base) + factor * F.linear(F.linear(x, down), up)

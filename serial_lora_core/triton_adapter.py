@@ -50,7 +50,7 @@ LAUNCH = load_launch_parameters(resources.files(__package__).joinpath(TUNED_FILE
 
 
 @triton.jit
-def _adapt_kernel(x_ptr, down_ptr, up_ptr, y_ptr, rows_total, scale,
+def _adapt_kernel(x_ptr, down_ptr, up_ptr, y_ptr, rows_total, factor,
                   D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FP16: tl.constexpr, STAGE_IN_Y: tl.constexpr):
     low = tl.float16 if FP16 else tl.bfloat16
@@ -81,7 +81,7 @@ def _adapt_kernel(x_ptr, down_ptr, up_ptr, y_ptr, rows_total, scale,
             x = tl.load(source + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(low)
             b = tl.load(up_ptr + cols[None, :] * R + ranks[:, None],  # B^T block: (R_PAD, BLOCK_D)
                         mask=live_ranks[:, None] & live_cols[None, :], other=0.0)
-            y = x.to(tl.float32) + scale * tl.dot(z_low, b)
+            y = x.to(tl.float32) + factor * tl.dot(z_low, b)
             tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(low), mask=mask)
 
 
@@ -90,11 +90,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float, dtype: torch.dtype,
+def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, factor: float, dtype: torch.dtype,
                   *, block_m: int | None = None, block_d: int | None = None, num_warps: int | None = None,
                   programs_per_sm: int | None = None, num_stages: int | None = None,
                   stage_in_y: bool | None = None) -> torch.Tensor:
-    """low(x) + scale·up·down·low(x) in `dtype` (float16 or bfloat16), for x (..., d) contiguous.
+    """low(x) + factor·up·down·low(x) in `dtype` (float16 or bfloat16), for x (..., d) contiguous.
+
+    `factor` is the adapter's scaling x scale (`StreamAdapter.factor`), as in `formula.adapted_input`.
 
     `down` is A (r x d) and `up` is B (d x r), in any float dtype (cast to `dtype` like autocast does).
     The keyword arguments are launch parameters (block sizes: powers of two >= 16; None = `LAUNCH`,
@@ -125,7 +127,7 @@ def adapted_input(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: 
         on_other_gpu = x.is_cuda and x.device.index != torch.cuda.current_device()
         with torch.cuda.device(x.device) if on_other_gpu else contextlib.nullcontext():
             _adapt_kernel[(blocks,)](
-                flat, down.to(dtype).contiguous(), up.to(dtype).contiguous(), y, rows, float(scale),
+                flat, down.to(dtype).contiguous(), up.to(dtype).contiguous(), y, rows, float(factor),
                 D=features, R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), BLOCK_M=block_m, BLOCK_D=block_d,
                 FP16=dtype == torch.float16, STAGE_IN_Y=stage_in_y, num_warps=num_warps,
                 num_stages=num_stages or LAUNCH["num_stages"],

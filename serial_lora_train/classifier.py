@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ from torch import nn
 
 from serial_lora_core import ARCHITECTURE_ATTRIBUTE, save_serial_lora
 
-from .data import ImageFolderScan, few_shot_indices, scan_image_folder
-from .engine import Task, TaskSetup, TrainingArguments, add_training_arguments
-from .entry import add_data_arguments, options_from, task_main, task_parser
+from .data import few_shot_indices, image_folder_dataset, scan_image_folder
+from .engine import Task, TaskSetup, TrainingArguments
+from .entry import add_data_arguments, task_entry, task_parser
 from .methods import MethodInfo, apply_method
 
 ADAPTER_FILE = "serial_lora.safetensors"
@@ -51,18 +50,6 @@ class ClassifierOptions:
     skip_bad_images: bool = False
     augment: bool = True
     eval_batch_size: int = 64
-
-
-def _image_folder(scan: ImageFolderScan, transform: Any) -> Any:
-    """torchvision's ImageFolder over the checked samples (unreadable ones left out)."""
-    from torchvision.datasets import ImageFolder
-
-    good = {os.path.normpath(path) for path, _ in scan.samples}
-    dataset = ImageFolder(str(scan.root), transform=transform, is_valid_file=lambda p: os.path.normpath(p) in good,
-                          allow_empty=True)
-    if dataset.classes != scan.classes:  # both sort the sub-folder names; guard against a folder changing meanwhile
-        raise ValueError(f"{scan.root}: classes changed while reading ({scan.classes} vs {dataset.classes})")
-    return dataset
 
 
 class Normalize:
@@ -157,11 +144,11 @@ class ClassifierTask(Task):
         train_tf, eval_tf = self.transform(config, True), self.transform(config, False)
         model, self.info = apply_method(model, args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                                         trainable_modules=self.classifier_names)
-        dataset = _image_folder(self.train_scan, train_tf)
+        dataset = image_folder_dataset(self.train_scan, train_tf)
         if self.indices is not None:
             dataset = torch.utils.data.Subset(dataset, self.indices)
         if self.val_scan is not None:
-            self.val_set = _image_folder(self.val_scan, eval_tf)
+            self.val_set = image_folder_dataset(self.val_scan, eval_tf)
         return TaskSetup(model=model, train_dataset=dataset)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -200,11 +187,7 @@ class ClassifierTask(Task):
         skipped = len(self.train_scan.skipped) + (len(self.val_scan.skipped) if self.val_scan else 0)
         train_count = len(self.indices) if self.indices is not None else len(self.train_scan.samples)
         facts: dict[str, Any] = {
-            "title": f"{'Serial LoRA' if self.info.method == 'serial' else 'LoRA (PEFT)'} classifier on {self.options.model}",
-            "method_label": "Serial LoRA" if self.info.method == "serial" else "LoRA (PEFT, q,k,v,o)",
-            "base_model": self._base_name(),
-            "adapter_parameters": self.info.adapter_parameters,
-            "lora_parameters_note": self.info.note,
+            **self.info.card_facts(f"classifier on {self.options.model}", self._base_name()),
             "data": (f"{train_count} training images in {self.num_classes} classes from `{self.options.train_dir}`"
                      f"{shots}" + (f"; validation `{self.options.val_dir}`" if self.options.val_dir else "")),
             "summary_rows": {"classes": self.num_classes, "skipped bad images": skipped},
@@ -236,8 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-dir", dest="val_dir", help="validation image folder with the same class sub-folders")
     g.add_argument("--shots", type=int, help="train on N images per class, drawn with --seed (few-shot)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="train with the evaluation transform")
-    add_data_arguments(g, eval_batch_size=64, bad="unreadable images")
-    add_training_arguments(parser, rank=32, learning_rate=2e-4, dropout=0.25, train_batch_size=32)
+    add_data_arguments(parser, g, eval_batch_size=64, bad="unreadable images", train_batch_size=32)
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -250,9 +232,7 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the classifier trainer from parsed arguments; bad input exits with status 2 and one clear line."""
-    return task_main(args, lambda: ClassifierTask(options_from(ClassifierOptions, args)))
+main = task_entry(ClassifierTask, ClassifierOptions)
 
 
 if __name__ == "__main__":

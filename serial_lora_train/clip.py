@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import _image_folder
-from .data import ImageFolderScan, few_shot_indices, scan_image_folder
-from .engine import Task, TaskSetup, TrainingArguments, add_training_arguments
-from .entry import add_data_arguments, options_from, task_main, task_parser
+from .data import ImageFolderScan, few_shot_indices, image_folder_dataset, scan_image_folder
+from .engine import Task, TaskSetup, TrainingArguments
+from .entry import add_data_arguments, task_entry, task_parser
 from .methods import MethodInfo, apply_method
 
 ADAPTER_FILE = "serial_lora.safetensors"
@@ -174,14 +173,14 @@ class ClipTask(Task):
         model, self.info = apply_method(model, args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                                         target_modules=targets)
         self.tokens = loaded.tokenize(self.prompts)
-        dataset = _image_folder(self.train_scan, loaded.transform)
+        dataset = image_folder_dataset(self.train_scan, loaded.transform)
         held_out = None
         if self.options.shots is not None:
             self.indices = few_shot_indices(self.train_scan.targets, self.options.shots, args.seed, self.train_scan.classes)
             rest = sorted(set(range(len(dataset))) - set(self.indices))
             held_out = torch.utils.data.Subset(dataset, rest) if rest else None
             dataset = torch.utils.data.Subset(dataset, self.indices)
-        self.val_set = _image_folder(self.val_scan, loaded.transform) if self.val_scan is not None else held_out
+        self.val_set = image_folder_dataset(self.val_scan, loaded.transform) if self.val_scan is not None else held_out
         if self.val_set is not None:  # zero-shot: the adapters start as the identity, so this is the base model
             model.to(accelerator.device)
             model.eval()
@@ -232,11 +231,7 @@ class ClipTask(Task):
         count = len(self.indices) if self.indices is not None else len(self.train_scan.samples)
         shots = f", {o.shots} shots per class (seeded)" if o.shots else ""
         facts: dict[str, Any] = {
-            "title": f"{'Serial LoRA' if self.info.method == 'serial' else 'LoRA (PEFT)'} CLIP classifier on {o.model}",
-            "method_label": "Serial LoRA" if self.info.method == "serial" else "LoRA (PEFT, q,k,v,o)",
-            "base_model": o.model,
-            "adapter_parameters": self.info.adapter_parameters,
-            "lora_parameters_note": self.info.note,
+            **self.info.card_facts(f"CLIP classifier on {o.model}", o.model),
             "data": f"{count} training images in {len(self.prompts)} classes from `{o.train_dir}`{shots}; prompts "
                     f"{o.template!r}; held-out: {'`' + o.val_dir + '`' if o.val_dir else 'the images not drawn'}",
             "summary_rows": {"towers": ",".join(o.towers), "classes": len(self.prompts)},
@@ -266,13 +261,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"prompt template (default {DEFAULT_TEMPLATE!r})")
     g.add_argument("--towers", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), default=TOWERS,
                    help="towers to adapt, comma-separated (default: vision,text)")
-    add_data_arguments(g, eval_batch_size=64, bad="unreadable images")
-    add_training_arguments(parser, rank=32, learning_rate=2e-4, dropout=0.25, train_batch_size=32)
+    add_data_arguments(parser, g, eval_batch_size=64, bad="unreadable images", train_batch_size=32)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the trainer from parsed arguments; bad input exits with status 2 and one clear line."""
-    return task_main(args, lambda: ClipTask(options_from(ClipOptions, args)))
+main = task_entry(ClipTask, ClipOptions)
 
 
 if __name__ == "__main__":

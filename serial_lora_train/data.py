@@ -6,6 +6,7 @@
   do not depend on the number of DataLoader workers nor on where a run was resumed.
 - `scan_image_folder`: checks a class-per-sub-folder image folder before any training (missing or
   empty folder, class without images, unreadable images listed; `skip_bad_images` skips them).
+- `image_folder_dataset`: torchvision's ImageFolder over a scan's checked samples.
 - `few_shot_indices`: N samples per class, reproducibly from a seed (the paper's N-shot tables).
 """
 
@@ -23,7 +24,7 @@ import torch
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from several integers (stable across runs and platforms)."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -65,7 +66,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The padded sample order of `epoch`, the same on every process."""
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         order = torch.randperm(self.num_samples, generator=generator)
         total = len(self) * self.batch_size * self.num_replicas
         return order.repeat(-(-total // self.num_samples))[:total]
@@ -97,7 +98,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
-        sample_seed = _mix(self.seed, epoch, index)
+        sample_seed = mix_seed(self.seed, epoch, index)
         python_state = random.getstate()
         numpy_state = _numpy_state()
         try:
@@ -201,6 +202,18 @@ def scan_image_folder(root: str | Path, argument: str = "train_dir", *, skip_bad
     return ImageFolderScan(root, classes, samples, skipped)
 
 
+def image_folder_dataset(scan: ImageFolderScan, transform: Any) -> Any:
+    """torchvision's ImageFolder over the checked samples of `scan` (unreadable ones left out)."""
+    from torchvision.datasets import ImageFolder
+
+    good = {os.path.normpath(path) for path, _ in scan.samples}
+    dataset = ImageFolder(str(scan.root), transform=transform, is_valid_file=lambda p: os.path.normpath(p) in good,
+                          allow_empty=True)
+    if dataset.classes != scan.classes:  # both sort the sub-folder names; guard against a folder changing meanwhile
+        raise ValueError(f"{scan.root}: classes changed while reading ({scan.classes} vs {dataset.classes})")
+    return dataset
+
+
 def few_shot_indices(targets: Sequence[int], shots: int, seed: int, class_names: Sequence[str] | None = None) -> list[int]:
     """`shots` sample indices per class, drawn reproducibly from `seed`, sorted."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
@@ -215,6 +228,6 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int, class_names:
             name = class_names[target] if class_names else target
             raise ValueError(f"--shots {shots}: class {name!r} has only {len(members)} image(s); "
                              "lower --shots or add images")
-        generator = torch.Generator().manual_seed(_mix(seed, target))
+        generator = torch.Generator().manual_seed(mix_seed(seed, target))
         chosen += [members[i] for i in torch.randperm(len(members), generator=generator)[:shots].tolist()]
     return sorted(chosen)

@@ -17,7 +17,7 @@ projection), so summaries can state them side by side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -56,6 +56,15 @@ class MethodInfo:
         why = (": PEFT shares A across q,k,v on timm's fused qkv+proj" if self.fused_qkv
                else " on split q,k,v,o")
         return f"LoRA {self.lora_parameters:,} = {ratio_text} Serial {self.serial_parameters:,}{why}"
+
+    def card_facts(self, subject: str, base_model: str, lora_targets: str = "q,k,v,o") -> dict[str, Any]:
+        """The model card's method facts: the title ("<method> <subject>"), the method label (LoRA's with
+        `lora_targets`), the base model and the parameter counts."""
+        serial = self.method == "serial"
+        return {"title": f"{'Serial LoRA' if serial else 'LoRA (PEFT)'} {subject}",
+                "method_label": "Serial LoRA" if serial else f"LoRA (PEFT, {lora_targets})",
+                "base_model": base_model, "adapter_parameters": self.adapter_parameters,
+                "lora_parameters_note": self.note}
 
 
 def _output_projections(attention: nn.Module, stream: str) -> list[str]:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IMAGE_EXTENSIONS, _mix
-from .engine import Task, TaskSetup, TrainingArguments, add_training_arguments
-from .entry import add_data_arguments, options_from, task_main, task_parser
+from .data import IMAGE_EXTENSIONS, mix_seed
+from .engine import Task, TaskSetup, TrainingArguments
+from .entry import add_data_arguments, task_entry, task_parser
 from .methods import MethodInfo, apply_method
 
 ADAPTER_FILE = "serial_lora.safetensors"
@@ -116,7 +116,7 @@ def scan_mask_folder(root: str | Path, argument: str = "--data-dir", *, skip_bad
 
 def seeded_subset(count: int, fraction: float, seed: int, salt: int) -> list[int]:
     """round(fraction x count) (at least 1) indices of range(count), drawn with `seed`, sorted."""
-    generator = torch.Generator().manual_seed(_mix(seed, salt))
+    generator = torch.Generator().manual_seed(mix_seed(seed, salt))
     keep = max(1, round(fraction * count))
     return sorted(torch.randperm(count, generator=generator)[:keep].tolist())
 
@@ -291,11 +291,7 @@ class SamTask(Task):
         skipped = len(self.scan.skipped) + (len(self.val_scan.skipped) if self.val_scan else 0)
         val = f"`{o.val_dir}`" if o.val_dir else f"{o.val_fraction:g} of `{o.data_dir}` held out"
         facts: dict[str, Any] = {
-            "title": f"{'Serial LoRA' if self.info.method == 'serial' else 'LoRA (PEFT)'} SAM image encoder on {o.model}",
-            "method_label": "Serial LoRA" if self.info.method == "serial" else "LoRA (PEFT, qkv,proj)",
-            "base_model": o.model,
-            "adapter_parameters": self.info.adapter_parameters,
-            "lora_parameters_note": self.info.note,
+            **self.info.card_facts(f"SAM image encoder on {o.model}", o.model, lora_targets="qkv,proj"),
             "data": f"{len(self.train_pairs)} image/mask pairs ({o.data_fraction:g} of the training pairs) from "
                     f"`{o.data_dir}`, box prompts jittered by {o.box_jitter:g}; validation {len(self.val_set)} pairs, {val}",
             "summary_rows": {"adapted": "image encoder (prompt encoder, mask decoder frozen)",
@@ -325,13 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train on this share of the training pairs, drawn with --seed (paper: 0.2, 0.5, 1.0)")
     g.add_argument("--box-jitter", dest="box_jitter", type=float, default=0.1,
                    help="move each box side by up to this share of the box size while training (0: exact boxes)")
-    add_data_arguments(g, eval_batch_size=4, bad="bad image/mask pairs")
-    add_training_arguments(parser, rank=32, learning_rate=2e-4, dropout=0.25, train_batch_size=4)
+    add_data_arguments(parser, g, eval_batch_size=4, bad="bad image/mask pairs", train_batch_size=4)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the trainer from parsed arguments; bad input exits with status 2 and one clear line."""
-    return task_main(args, lambda: SamTask(options_from(SamOptions, args)))
+main = task_entry(SamTask, SamOptions)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from serial_lora_core import SerialLoraError
 from serial_lora_core.format import atomic_write
 
 from .engine import Task, TaskSetup
+from .entry import task_main, task_parser
 
 CAPTION_SUFFIX = ".txt"
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap")
@@ -584,19 +585,8 @@ def options_from_namespace(args: argparse.Namespace) -> SD3Options:
 
 def main(args: argparse.Namespace) -> int:
     """Run `serial-lora train-sd3` with parsed arguments; exit status 2 on bad input."""
-    from .engine import TrainingArguments, run_cli
-
-    try:
-        task = SD3Task(options_from_namespace(args))
-        training = TrainingArguments.from_namespace(args)
-    except (ValueError, TypeError) as err:
-        print(f"serial-lora: error: {err}", file=sys.stderr)
-        return 2
-    return run_cli(task, training)
+    return task_main(args, lambda: SD3Task(options_from_namespace(args)))
 
 
 if __name__ == "__main__":  # python -m serial_lora_train.sd3 (e.g. under accelerate launch -m)
-    _parser = argparse.ArgumentParser(prog="serial-lora train-sd3", description=__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+    sys.exit(main(task_parser("serial-lora train-sd3", __doc__, add_arguments).parse_args()))

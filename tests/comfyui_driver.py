@@ -398,8 +398,10 @@ async def main() -> None:
     node = nodes.NODE_CLASS_MAPPINGS["SerialLoraLoaderModelOnly"]
     RESULTS["errors"] = {
         name: error_of(lambda name=name: node.execute(model=base, lora_name=name, strength_model=1.0))
-        for name in ("deeper.safetensors", "narrow.safetensors", "standard.safetensors")
+        for name in ("deeper.safetensors", "narrow.safetensors", "standard.safetensors", "with_head.safetensors")
     }
+    RESULTS["errors"]["with_head_save"] = error_of(lambda: nodes.NODE_CLASS_MAPPINGS["SaveSerialLoraAsLora"].execute(
+        model=base, lora_name="with_head.safetensors", strength_model=1.0, filename_prefix="with_head"))
     RESULTS["errors"]["bad_filename"] = error_of(lambda: nodes.NODE_CLASS_MAPPINGS["SaveSerialLoraAsLora"].execute(
         model=base, lora_name="tiny.safetensors", strength_model=1.0, filename_prefix="../escape"))
     RESULTS["files"] = file_handling(pack, base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,20 @@ def write_image_folder(root: Path, images_per_class: dict[str, int], size: int =
             pixels = np.clip(np.array(palette[index % len(palette)]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
             Image.fromarray(pixels.astype("uint8")).save(folder / f"{name}_{i}.png")
     return root
+
+
+def train_briefly(task: Any, out: Path, method: str = "serial", **arguments: Any) -> tuple[Any, list[float]]:
+    """Train `task` for a few CPU steps into `out` (rank 4, no dropout, float32, no progress bar; `arguments`
+    add to or override these TrainingArguments): the engine's result and the losses it logged."""
+    import json
+
+    from serial_lora_train.engine import METRICS_FILE, TrainingArguments, train
+
+    defaults = dict(output_dir=str(out), method=method, rank=4, dropout=0.0, mixed_precision="no",
+                    disable_progress_bar=True)
+    result = train(task, TrainingArguments(**{**defaults, **arguments}))
+    losses = [r["loss"] for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines()) if "loss" in r]
+    return result, losses
 
 
 @pytest.fixture

@@ -117,6 +117,8 @@ def comfy(tmp_path_factory, comfyui_dir):
     both.transformer = tiny_transformer()
     both.text_encoder = tiny_text_encoder()
     adapter_for(both, models / "loras" / "with_te.safetensors", seed=2)
+    # A version-2 file that also carries a trained module (modules_to_save), which weight patches cannot apply.
+    save_serial_lora(transformer, models / "loras" / "with_head.safetensors", modules_to_save=("proj_out",))
     # The clone (repository in custom_nodes/) and the link (pip-installed package).
     (work / "custom_nodes").mkdir()
     (work / "custom_nodes" / "serial-lora").symlink_to(REPO, target_is_directory=True)
@@ -320,6 +322,8 @@ def test_stacking_applies_on_the_patched_weight(comfy):
     ("deeper.safetensors", ["match nothing", "transformer_blocks.2.attn.serial_lora.image"]),
     ("narrow.safetensors", ["does not fit", "in_features 64", "(384, 128)"]),
     ("standard.safetensors", ["standard LoRA"]),
+    ("with_head.safetensors", ["with_head.safetensors", "modules_to_save ['proj_out']", "weight patches only"]),
+    ("with_head_save", ["with_head.safetensors", "modules_to_save ['proj_out']", "weight patches only"]),
     ("bad_filename", ["plain file name"]),
     ("te_without_clip", ["match nothing", "text_encoder.text_model.encoder.layers.0.self_attn.serial_lora.input", "CLIP"]),
     ("nan_strength_model", ["strength_model is nan", "finite"]),
@@ -331,6 +335,13 @@ def test_bad_input_is_a_clear_error(comfy, name, words):
     assert error["raised"] and "SerialLoraError" in error["mro"] and "ValueError" in error["mro"]
     for word in words:
         assert word in error["message"]
+
+
+def test_file_with_modules_to_save_is_refused_and_nothing_is_written(comfy):
+    """ComfyUI applies weight patches only: a trained head in the file would be silently dropped."""
+    assert comfy["results"]["errors"]["with_head.safetensors"]["raised"]
+    assert not list((comfy["work"] / "models" / "loras").glob("with_head_0*"))
+    assert comfy["results"]["base_patches_after_errors"] == 0
 
 
 def test_bad_file_in_a_graph_reports_the_error(comfy):

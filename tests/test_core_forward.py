@@ -482,3 +482,23 @@ def test_scaling_is_alpha_over_r_and_scale_is_the_user_knob():
     weight = model.blocks[0].attn.qkv.weight
     expected = 0.375 * (weight.double() @ adapter.up.weight.double()) @ adapter.down.weight.double()
     torch.testing.assert_close(adapter.projection_delta(weight).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adapted_input_formula_equals_the_fused_adapter_forward():
+    """formula.adapted_input (the plain-tensor form used by fx tracing and ComfyUI's bypass) gives what the
+    fused addmm forward gives, with base = x and with another base (stacked adapters)."""
+    from serial_lora_core.formula import adapted_input
+
+    torch.manual_seed(3)
+    adapter = StreamAdapter(features=16, rank=4, scaling=0.5, dtype=torch.float64)
+    adapter.scale = 0.75
+    torch.nn.init.normal_(adapter.up.weight)
+    x, base = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    down, up = adapter.down.weight.detach(), adapter.up.weight.detach()
+    by_hand = 0.375 * (x @ down.t()) @ up.t()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted_input(x, down, up, adapter.factor), x + by_hand, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adapted_input(x, down, up, adapter.factor), adapter(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adapter.traceable_add_to(base, x), adapter.add_to(base, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adapter.traceable_add_to(base, x), base + by_hand, rtol=1e-12, atol=1e-12)
+    assert by_hand.abs().max() > 1e-3  # the comparison would be vacuous for an identity adapter

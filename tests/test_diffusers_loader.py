@@ -678,7 +678,7 @@ def test_bad_arguments_are_clear_errors(pipe, adapter_dir):
     pipe.load_serial_lora_weights(adapter_dir)
     with pytest.raises(SerialLoraError, match=r"unknown Serial LoRA adapter\(s\) \['nope'\]"):
         pipe.set_serial_lora_adapters(["default", "nope"], [1.0, 1.0])
-    with pytest.raises(SerialLoraError, match="2 adapter names and 1 weights"):
+    with pytest.raises(SerialLoraError, match="2 adapter names and 1 adapter_weights"):
         pipe.set_serial_lora_adapters(["default", "default"], [1.0])
 
 
@@ -731,3 +731,27 @@ def test_trained_adapter_reproduces_the_trained_transformer(tmp_path, base_pipe)
         got = fresh.transformer(**inputs).sample
     assert torch.equal(got, expected)
     assert torch.equal(generate(fresh), generate(pipe))
+
+
+@pytest.mark.parametrize(
+    ("source", "is_repo_id"),
+    [("someone/adapter", True), ("someone/adapter.ckpt", False), ("./someone/adapter", False),
+     ("~/adapter", False), ("a/b/c", False), ("adapter.safetensors", False), ("someone/x.bin", False)],
+)
+def test_hub_id_guess_is_the_cores_one_rule(source, is_repo_id, monkeypatch, tmp_path):
+    """resolve_adapter_file and the export's base-model loader call the one serial_lora_core rule: a string that
+    is not a local path is downloaded only when it reads as `owner/name`, else refused without the hub."""
+    import huggingface_hub
+
+    from serial_lora_core.export import is_hub_repo_id
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, *a, **k: asked.append(repo) or "x")
+    assert is_hub_repo_id(source) is is_repo_id
+    if is_repo_id:
+        assert diffusers_loader.resolve_adapter_file(source) == "x" and asked == [source]
+    else:
+        with pytest.raises(SerialLoraFileError, match="neither an existing local file or folder nor a hub repo id"):
+            diffusers_loader.resolve_adapter_file(source)
+        assert asked == []

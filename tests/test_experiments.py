@@ -171,6 +171,10 @@ def test_proxy_smoke_end_to_end_with_spectrum(smoke_backbone, tmp_path):
     assert rows["digits|1|LoRA r/4"]["adapter_parameters"] * 4 == lora["adapter_parameters"]
     assert all(math.isfinite(t["ms_per_step"]) for t in saved["step_times"].values())
     assert {p["pair"] for p in saved["paired"]} == {"Serial - LoRA", "Serial+ - LoRA+", "Serial - LoRA r/4"}
+    # --resume keeps the runs and never repeats one; it only widens grids whose best value is still at an edge.
+    resumed = proxy.main(["--smoke", "--backbone", backbone, "--out", str(tmp_path), "--resume"])
+    keys = [tuple(r[k] for k in ("task", "shots", "seed", "method", "lr_exp", "ratio_exp")) for r in resumed["records"]]
+    assert len(keys) == len(set(keys)) >= len(saved["records"])
     rebuilt = proxy.main(["--from-records", str(tmp_path / "proxy_records.jsonl"), "--out", str(tmp_path / "again")])
     assert rebuilt["rows"].keys() == saved["rows"].keys()
     assert "INCOMPLETE" in (tmp_path / "again" / "proxy.md").read_text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,40 @@ def test_image_folder_is_split_and_the_random_base_is_shared(image_folders, tmp_
 def test_image_folder_too_small_to_hold_out_is_refused(image_folders):
     with pytest.raises(ValueError, match="holdout-fraction"):
         finetune_vit.image_folder(str(image_folders[0]), 16, 1.5, seed=0)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for the venv's Python: records every call, installs nothing.
+echo "$*" >> "$FAKE_LOG"
+case "$*" in *sysconfig*) echo "$FAKE_SITE" ;; esac
+"""
+
+
+def test_quickstart_setup_installs_only_what_it_needs_once(tmp_path):
+    """`setup.sh quickstart`: torch, then the library with [timm,train] only (no ComfyUI, no test tools);
+    a second run with unchanged inputs is a no-op (stamped)."""
+    venv, log, site = tmp_path / "venv", tmp_path / "calls.log", tmp_path / "site"
+    (venv / "bin").mkdir(parents=True)
+    site.mkdir()
+    (venv / "bin" / "python").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python").chmod(0o755)
+    env = dict(os.environ, SERIAL_LORA_VENV=str(venv), FAKE_LOG=str(log), FAKE_SITE=str(site))
+
+    def setup() -> list[str]:
+        before = log.read_text().splitlines() if log.exists() else []
+        subprocess.run(["bash", "scripts/setup.sh", "quickstart"], cwd=ROOT, env=env, check=True,
+                       capture_output=True, text=True, timeout=60)
+        return (log.read_text().splitlines() if log.exists() else [])[len(before):]
+
+    installs = [call.split(" install ", 1)[1] for call in setup() if " install " in call]
+    assert installs == ["torch==2.13.0", "-c constraints.txt -e .[timm,train]"]
+    assert [p.name.startswith(".serial-lora-setup-base-") for p in venv.iterdir() if p.is_file()] == [True]
+    assert setup() == []
+
+
+@pytest.mark.parametrize("script", ["scripts/setup.sh", "benchmarks/first_hour.sh"])
+def test_scripts_refuse_an_unknown_argument_with_their_usage(script):
+    result = subprocess.run(["bash", script, "--no-such-option"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "usage: bash " + script in result.stderr and "--no-such-option" in result.stderr

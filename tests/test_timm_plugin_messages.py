@@ -18,7 +18,7 @@ from timm_models import BY_NAME
 MISSING_TAG = [
     # (architecture, what the message must say about it)
     ("resnet18", "has no attention layers for Serial LoRA to adapt"),
-    ("swin_tiny_patch4_window7_224", "has attention (WindowAttention), but Serial LoRA is not registered"),
+    ("swin_tiny_patch4_window7_224", "its attention (WindowAttention) is not among those Serial LoRA is registered"),
     ("vit_base_patch16_xp_224", "q, k and v in one Linear together with the MLP"),
 ]
 

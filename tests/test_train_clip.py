@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_image_folder
+from conftest import train_briefly, write_image_folder
 from transformers import CLIPModel
 
 import transformers_plugin as tp
@@ -17,7 +17,6 @@ from hf_tiny import CLIP_IMAGE, clip_tokenizer, save_tiny_clip_folder, tiny_clip
 from serial_lora_core import read_file
 from serial_lora_core.cli import main as cli_main
 from serial_lora_train.clip import ADAPTER_FILE, PEFT_DIR, ClipOptions, ClipTask, class_prompts, clip_logits
-from serial_lora_train.engine import METRICS_FILE, TrainingArguments, train
 
 CLASSES = ("red", "green", "blue")
 FAST = ["--rank", "4", "--train-batch-size", "6", "--learning-rate", "1e-2", "--dropout", "0",
@@ -80,10 +79,7 @@ def test_training_lowers_the_loss_and_reports_zero_shot_before_and_few_shot_afte
     base, train_dir, val_dir = clip_data
     out = tmp_path / "out"
     task = ClipTask(ClipOptions(model=str(base), train_dir=str(train_dir), val_dir=str(val_dir), shots=4))
-    result = train(task, TrainingArguments(output_dir=str(out), method=method, rank=4, dropout=0.0, train_batch_size=6,
-                                           learning_rate=1e-2, max_train_steps=8, mixed_precision="no",
-                                           disable_progress_bar=True))
-    losses = [r["loss"] for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines()) if "loss" in r]
+    result, losses = train_briefly(task, out, method, train_batch_size=6, learning_rate=1e-2, max_train_steps=8)
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
     assert len(task.indices) == 4 * len(CLASSES)  # N-shot per class
     assert set(result.metrics) == {"top1", "val_loss", "zero_shot_top1", "zero_shot_val_loss"}

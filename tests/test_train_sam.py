@@ -13,9 +13,10 @@ from PIL import Image
 from transformers import SamModel
 
 import serial_lora_core as core
+from conftest import train_briefly
 from hf_tiny import SAM_IMAGE, tiny_sam
 from serial_lora_core.cli import main as cli_main
-from serial_lora_train.engine import METRICS_FILE, TrainingArguments, train
+from serial_lora_train.engine import TrainingArguments
 from serial_lora_train.sam import (
     ADAPTER_FILE,
     PEFT_DIR,
@@ -86,10 +87,7 @@ def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(met
     out = tmp_path / "out"
     task = SamTask(SamOptions(model=str(base), data_dir=str(train_dir), val_dir=str(val_dir), box_jitter=0.0))
     # The whole training set in every batch: the losses of successive steps are comparable.
-    result = train(task, TrainingArguments(output_dir=str(out), method=method, rank=4, dropout=0.0, train_batch_size=8,
-                                           learning_rate=2e-2, max_train_steps=5, mixed_precision="no",
-                                           disable_progress_bar=True))
-    losses = [r["loss"] for r in map(json.loads, (out / METRICS_FILE).read_text().splitlines()) if "loss" in r]
+    result, losses = train_briefly(task, out, method, train_batch_size=8, learning_rate=2e-2, max_train_steps=5)
     assert len(losses) == 5 and all(b < a for a, b in zip(losses, losses[1:])), losses
     assert set(result.metrics) == {"dice", "val_loss"} and 0 <= result.metrics["dice"] <= 1
     fresh = SamModel.from_pretrained(base).eval()

@@ -140,11 +140,14 @@ def missing_tag_message(architecture: str) -> str:
                "reads the attention input alone")
     else:
         try:
-            attention = _attention_classes(architecture)
-        except Exception as error:  # noqa: BLE001  (only to word the message; the answer stays "no tag")
-            attention = [f"not inspectable: {type(error).__name__}"]
-        why = (f"it has attention ({', '.join(attention)}), but Serial LoRA is not registered for its module"
-               if attention else f"it has no attention layers for Serial LoRA to adapt")
+            attention: list[str] | None = _attention_classes(architecture)
+        except Exception:  # noqa: BLE001  (it only words the message; the answer stays "no tag")
+            attention = None  # an entry point that cannot build on the meta device
+        if attention == []:
+            why = "it has no attention layers for Serial LoRA to adapt"
+        else:
+            found = f" ({', '.join(attention)})" if attention else ""
+            why = f"its attention{found} is not among those Serial LoRA is registered for"
     tagged = serial_lora_architectures()
     return (f"{architecture!r} (timm module {module!r}) has no '.{TAG}' tag: {why}. The tag exists for the "
             f"vision transformers of timm's {', '.join(FAMILIES)} modules ({len(tagged)} architectures, e.g. "
