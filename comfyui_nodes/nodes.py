@@ -12,7 +12,6 @@ The input MODEL/CLIP is never modified: each node clones it and adds ComfyUI wei
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections import OrderedDict
@@ -23,7 +22,7 @@ from typing_extensions import override
 import comfy.lora
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
-from serial_lora_core import AdapterFile, SerialLoraError, read_file, save_standard_lora
+from serial_lora_core import AdapterFile, SerialLoraError, check_scale, read_file, save_standard_lora
 from serial_lora_core.export import DIFFUSERS_PREFIX
 from serial_lora_core.formula import equivalent_up
 
@@ -73,8 +72,7 @@ def load_adapter(name: str) -> AdapterFile:
     """Read and validate a Serial LoRA once; later calls reuse it while the file's content is the same.
 
     The cache keys on the sha256 the file stores (which `read_file` checks against the content), not on
-    its modification time and size, which a different file copied with `cp -p` can share. A file that
-    also carries whole modules (format version 2 `modules_to_save`, e.g. a trained head) is refused.
+    its modification time and size, which a different file copied with `cp -p` can share.
     """
     path = adapter_path(name)
     digest = stored_sha256(path)
@@ -83,11 +81,6 @@ def load_adapter(name: str) -> AdapterFile:
         _CACHE.move_to_end(path)
         return cached[1]
     adapter = read_file(path)
-    if adapter.modules_to_save:  # refused before caching: a cached adapter is always one the nodes can apply
-        raise SerialLoraError(
-            f"Serial LoRA {path!r} also stores whole trained modules (modules_to_save "
-            f"{list(adapter.info.modules_to_save)}), which ComfyUI cannot apply: it applies weight patches only. "
-            "Use this file with serial_lora_core.load_serial_lora, or save the adapter without modules_to_save")
     _CACHE[path] = (adapter.metadata["sha256"], adapter)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -95,10 +88,12 @@ def load_adapter(name: str) -> AdapterFile:
 
 
 def finite_strength(name: str, value: float) -> float:
-    """`value` of the input `name` as a float, refusing NaN and inf (which pass ComfyUI's min/max check)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SerialLoraError(f"{name} is {value!r}; set it to a finite number (1.0 = as trained, 0 = off)")
-    return float(value)
+    """`value` of the input `name` as a float, refusing NaN and inf (which pass ComfyUI's min/max check)
+    by the core's one check of a scale (`check_scale`), in ComfyUI's words."""
+    try:
+        return check_scale(value, name)
+    except (TypeError, ValueError):
+        raise SerialLoraError(f"{name} is {value!r}; set it to a finite number (1.0 = as trained, 0 = off)") from None
 
 
 def _shapes(state_dict) -> dict[str, torch.Size]:
@@ -106,7 +101,16 @@ def _shapes(state_dict) -> dict[str, torch.Size]:
 
 
 def plan_for(adapter: AdapterFile, model, clip=None) -> dict[str, list[PatchTarget]]:
-    """Where the adapter lands in `model` (a ModelPatcher) and, if given, `clip` (ComfyUI's CLIP)."""
+    """Where the adapter lands in `model` (a ModelPatcher) and, if given, `clip` (ComfyUI's CLIP).
+
+    Every node goes through here, so this is where a file that also carries whole trained modules
+    (format version 2 `modules_to_save`, e.g. a classifier head) is refused: ComfyUI applies weight
+    patches only, and the modules would be silently dropped."""
+    if adapter.modules_to_save:
+        raise SerialLoraError(
+            f"Serial LoRA {adapter.path!r} also stores whole trained modules (modules_to_save "
+            f"{list(adapter.info.modules_to_save)}), which ComfyUI cannot apply: it applies weight patches only. "
+            "Use this file with serial_lora_core.load_serial_lora, or save the adapter without modules_to_save")
     targets = [("model", comfy.lora.model_lora_keys_unet(model.model, {}), MODEL_PREFIXES,
                 _shapes(model.model.state_dict()))]
     if clip is not None:

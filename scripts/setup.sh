@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh CPU-only machine (Linux, Python 3.11 + pip), of only what a command needs:
-#   bash scripts/setup.sh quickstart   -> .venv with CPU torch + the library with [timm,train] (timm, peft)
+#   bash scripts/setup.sh quickstart   -> .venv with CPU torch + the library with [timm] + PEFT
 #   bash scripts/setup.sh [test]       -> the above + every extra of pyproject.toml (diffusers, transformers,
 #                                         test tools, ...) + ComfyUI and a browser (scripts/setup_comfyui.sh)
 # Idempotent and stamped per component ($VENV/.serial-lora-setup-<component>-<hash of its inputs>): a
@@ -52,7 +52,11 @@ torchvision_hook() {
 install_base() {
   # torch first, exactly pinned: any looser requirement resolves to a multi-GB CUDA build.
   "${PIP[@]}" install "torch==2.13.0"
-  "${PIP[@]}" install -c constraints.txt -e ".[timm,train]"
+  # The quick start needs timm and PEFT only, not the trainers' other packages (diffusers, torchmetrics,
+  # ...): PEFT's requirement is taken from the train extra, its one place.
+  local peft
+  peft=$(grep -o '"peft[^"]*"' pyproject.toml | head -1 | tr -d '"')
+  "${PIP[@]}" install -c constraints.txt -e ".[timm]" "$peft"
   torchvision_hook
   "$VPY" -c "import serial_lora_core, timm_plugin, peft"
 }

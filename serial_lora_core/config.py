@@ -41,7 +41,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def check_scale(value: object, argument: str = "scale") -> float:
     """`value` as a float if it is a finite real number within float32's range, else a clear error.
 
-    The one check for every strength/scaling the user or a file gives (`scale`, `--scale`, alpha/r):
+    The one check for every scale/scaling the user or a file gives (`scale`, `--scale`, alpha/r):
     NaN, inf and values like 1e300 are refused up front instead of crashing the first forward.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -215,7 +215,7 @@ def _refuse_if_merged(model: nn.Module, action: str) -> None:
 
 
 def set_serial_lora_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> None:
-    """Set the strength of an adapter (or of all): 0 gives the base model, 1 the trained adapter.
+    """Set the scale (the user's knob) of an adapter (or of all): 0 gives the base model, 1 the trained adapter.
 
     Refused before anything changes if `scale` is not finite or, times an adapter's scaling (alpha/r),
     lies beyond float32 (the adapters compute in float32 at least).

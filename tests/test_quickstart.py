@@ -7,12 +7,14 @@ import importlib.util
 import json
 import os
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 _spec = importlib.util.spec_from_file_location("finetune_vit", ROOT / "examples" / "finetune_vit.py")
 finetune_vit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(finetune_vit)
@@ -112,7 +114,7 @@ case "$*" in *sysconfig*) echo "$FAKE_SITE" ;; esac
 
 
 def test_quickstart_setup_installs_only_what_it_needs_once(tmp_path):
-    """`setup.sh quickstart`: torch, then the library with [timm,train] only (no ComfyUI, no test tools);
+    """`setup.sh quickstart`: torch, then the library with [timm] and PEFT only (no ComfyUI, no test tools);
     a second run with unchanged inputs is a no-op (stamped)."""
     venv, log, site = tmp_path / "venv", tmp_path / "calls.log", tmp_path / "site"
     (venv / "bin").mkdir(parents=True)
@@ -128,7 +130,8 @@ def test_quickstart_setup_installs_only_what_it_needs_once(tmp_path):
         return (log.read_text().splitlines() if log.exists() else [])[len(before):]
 
     installs = [call.split(" install ", 1)[1] for call in setup() if " install " in call]
-    assert installs == ["torch==2.13.0", "-c constraints.txt -e .[timm,train]"]
+    peft = next(r for r in PYPROJECT["project"]["optional-dependencies"]["train"] if r.startswith("peft"))
+    assert installs == ["torch==2.13.0", f"-c constraints.txt -e .[timm] {peft}"]
     assert [p.name.startswith(".serial-lora-setup-base-") for p in venv.iterdir() if p.is_file()] == [True]
     assert setup() == []
 

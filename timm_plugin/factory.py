@@ -30,9 +30,9 @@ class SerialLoraOptions:
 
     Args:
         rank: rank r of each block's shared pair (default 8).
-        alpha: scale numerator (default: rank, i.e. scale 1).
+        alpha: scaling numerator, scaling = alpha/rank (default: rank, i.e. scaling 1).
         dropout: dropout on the adapter's input while training (default 0).
-        rslora: scale alpha/sqrt(r) instead of alpha/r (default False).
+        rslora: scaling alpha/sqrt(r) instead of alpha/r (default False).
         weights: path of a trained Serial LoRA file to load; its rank, alpha, dropout and rslora
             are used, and any of the four above given explicitly must agree with it.
         target_modules: regular expression(s) on attention module names (e.g. r"blocks\\.(8|9|10|11)\\.")
