@@ -30,7 +30,7 @@ from serial_lora_core import (
     merge_serial_lora,
     remove_serial_lora,
     serial_lora_modules,
-    set_serial_lora_scale,
+    set_serial_lora_scales,
     unmerge_serial_lora,
 )
 
@@ -202,8 +202,7 @@ def set_adapters(transformer: nn.Module, adapter_names_: str | list[str], weight
         raise SerialLoraError(f"adapter_names {names} name an adapter twice; pass each adapter once")
     if is_merged(transformer):
         raise SerialLoraError("the Serial LoRA is fused; call unfuse_serial_lora() before changing the adapters' scales")
-    for name in known:
-        set_serial_lora_scale(transformer, scales.get(name, 0.0), adapter_name=name)
+    set_serial_lora_scales(transformer, {name: scales.get(name, 0.0) for name in known})
 
 
 def fuse(transformer: nn.Module, scale: float = 1.0) -> None:

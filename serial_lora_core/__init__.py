@@ -47,6 +47,7 @@ from .inject import (
     remove_serial_lora,
     serial_lora_modules,
     set_serial_lora_scale,
+    set_serial_lora_scales,
     unmerge_serial_lora,
     unwrap_model,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "serial_lora_parameters",
     "serial_lora_state_dict",
     "set_serial_lora_scale",
+    "set_serial_lora_scales",
     "unmerge_serial_lora",
     "unregister_host",
     "unwrap_model",

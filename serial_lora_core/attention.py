@@ -341,23 +341,36 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int, int]:
     return tensor.untyped_storage().data_ptr(), start, start + (last + 1) * size
 
 
-def check_untied(projections: Iterable[tuple[str, str, torch.Tensor]]) -> None:
-    """Refuse to merge into weights that two adapted projections share (tied weights).
+def _tied_error(first: str, second: str, what: str) -> SerialLoraError:
+    return SerialLoraError(
+        f"cannot merge: {first!r} and {second!r} share one weight tensor (tied weights), so merging would "
+        f"change {what}. Keep the adapters unmerged (they run as hooks and are exact), or untie the weights "
+        "first, e.g. `layer.weight = nn.Parameter(layer.weight.detach().clone())`."
+    )
+
+
+def check_untied(
+    projections: Iterable[tuple[str, object, torch.Tensor]], others: Iterable[tuple[str, torch.Tensor]] = ()
+) -> None:
+    """Refuse to merge into weights that two adapted projections share (tied weights), or that a
+    tensor no adapter changes shares (`others`: the model's other parameters and buffers).
 
     `projections` holds (projection name, what decides its change, weight). The same tensor under
     two names is fine when the change is the same (one stream's q and k being one layer); otherwise
     merging would put one attention's change into the other's projection as well, since both then
-    compute with the one merged tensor.
+    compute with the one merged tensor. A tensor of `others` overlapping a projection's weight would
+    silently take its change too (e.g. an output projection or a gate tied to q), so merged outputs
+    would no longer equal unmerged ones.
     """
-    by_storage: dict[int, list[tuple[int, int, str, str, torch.Tensor]]] = {}
+    by_storage: dict[int, list[tuple[int, int, str, object, torch.Tensor]]] = {}
     for name, group, weight in projections:
         address, start, end = _byte_span(weight)
         for other_start, other_end, other_name, other_group, other in by_storage.get(address, []):
             if start < other_end and other_start < end and not (weight is other and group == other_group):
-                raise SerialLoraError(
-                    f"cannot merge: {other_name!r} and {name!r} share one weight tensor (tied weights), so "
-                    "merging either adapter would change both projections. Keep the adapters unmerged (they "
-                    "run as hooks and are exact), or untie the weights first, e.g. "
-                    "`layer.weight = nn.Parameter(layer.weight.detach().clone())`."
-                )
+                raise _tied_error(other_name, name, "both projections")
         by_storage.setdefault(address, []).append((start, end, name, group, weight))
+    for name, tensor in others:
+        address, start, end = _byte_span(tensor)
+        for other_start, other_end, other_name, _, _ in by_storage.get(address, []):
+            if start < other_end and other_start < end:
+                raise _tied_error(other_name, name, f"{name!r} too, which no adapter changes")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import itertools
+from typing import Iterator, Mapping
 
 from torch import nn
 
@@ -220,13 +221,26 @@ def set_serial_lora_scale(model: nn.Module, scale: float, adapter_name: str | No
     Refused before anything changes if `scale` is not finite or, times an adapter's scaling (alpha/r),
     lies beyond float32 (the adapters compute in float32 at least).
     """
-    scale = check_scale(scale, "scale")
+    set_serial_lora_scales(model, {adapter_name: scale})
+
+
+def set_serial_lora_scales(model: nn.Module, scales: Mapping[str | None, float]) -> None:
+    """Set several adapters' scales at once ({adapter_name: scale}; the name None means every adapter).
+
+    All-or-nothing, as diffusers' `set_adapters` needs: every scale, and every scale times its adapter's
+    scaling, is checked before any adapter changes.
+    """
+    checked = {name: check_scale(scale, "scale") for name, scale in scales.items()}
     _refuse_if_merged(model, "change the scale")
-    targets = [adapter for module in _modules_with(model, adapter_name) for name, adapters in module.items()
-               if adapter_name is None or name == adapter_name for adapter in adapters.values()]
-    for adapter in targets:
+    plan = []
+    for adapter_name, scale in checked.items():
+        for module in _modules_with(model, adapter_name):
+            for name, adapters in module.items():
+                if adapter_name is None or name == adapter_name:
+                    plan.extend((adapter, scale) for adapter in adapters.values())
+    for adapter, scale in plan:
         check_scale(scale * adapter.scaling, f"scale={scale!r} times the adapter's scaling {adapter.scaling:g}")
-    for adapter in targets:
+    for adapter, scale in plan:
         adapter.scale = scale
 
 
@@ -247,7 +261,8 @@ def merge_serial_lora(model: nn.Module, scale: float = 1.0) -> None:
 
     All-or-nothing: if one projection would become non-finite, or anything else fails (e.g. out of
     memory), every weight already written is restored and nothing stays merged. Weights shared by
-    two adapted attention modules (tied weights) are refused, since both would see both changes.
+    two adapted attention modules, or by a projection and any other tensor of the model (tied weights),
+    are refused, since both would see the change.
     """
     scale = check_scale(scale, "scale")
     _modules_with(model, None)
@@ -255,8 +270,11 @@ def merge_serial_lora(model: nn.Module, scale: float = 1.0) -> None:
     _refuse_if_merged(model, "merge again")
     if not all(module.enabled for module in modules):
         raise SerialLoraError("the adapters are disabled; call enable_serial_lora() before merging them")
-    check_untied([(f"{name}.{path}" if name else path, (name, stream), weight)
-                  for module, name in modules.items() for stream, path, weight in module.adapted_projections()])
+    adapted = [(f"{name}.{path}" if name else path, (name, stream), weight)
+               for module, name in modules.items() for stream, path, weight in module.adapted_projections()]
+    weights = {f"{path}.weight" for path, _, _ in adapted}
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    check_untied(adapted, [(name, tensor) for name, tensor in tensors if name not in weights])
     done = []
     try:
         for module in modules:

@@ -192,13 +192,27 @@ class ClassifierTask(Task):
                      f"{shots}" + (f"; validation `{self.options.val_dir}`" if self.options.val_dir else "")),
             "summary_rows": {"classes": self.num_classes, "skipped bad images": skipped},
         }
-        if self.info.method == "serial":
-            facts["usage"] = [
-                "```python", "import timm, timm_plugin",
-                f'model = timm.create_model("{self.options.model}.serial_lora", pretrained=True, '
-                f'serial_lora_weights="{ADAPTER_FILE}")', "```",
-            ]
+        facts["usage"] = self.usage()
         return facts
+
+    def usage(self) -> list[str]:
+        """The model card's code block: rebuild the trained classifier on the base this run used (its
+        `--pretrained-file` and `--model-kwargs` included, so the snippet reproduces the logits as written)."""
+        o = self.options
+        base = [f"pretrained={bool(o.pretrained or o.pretrained_file)}"]
+        if o.pretrained_file is not None:
+            base.append(f"pretrained_cfg_overlay=dict(file={o.pretrained_file!r})")
+        base += [f"{key}={value!r}" for key, value in o.model_kwargs.items()]
+        note = [] if o.pretrained or o.pretrained_file else ["# trained on a randomly initialised base: outputs "
+                                                             "match only on that same base"]
+        if self.info.method == "serial":
+            return ["```python", "import timm, timm_plugin", *note,
+                    f'model = timm.create_model("{o.model}.serial_lora", {", ".join(base)}, '
+                    f'serial_lora_weights="{ADAPTER_FILE}")', "```"]
+        return ["```python", "import timm", "from peft import PeftModel", *note,
+                f'base = timm.create_model("{o.model}", {", ".join(base)}, num_classes={self.num_classes})',
+                f'model = PeftModel.from_pretrained(base, "{PEFT_DIR}")  # the trained head is in the folder too',
+                "```"]
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options

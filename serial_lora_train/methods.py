@@ -57,10 +57,12 @@ class MethodInfo:
                else " on split q,k,v,o")
         return f"LoRA {self.lora_parameters:,} = {ratio_text} Serial {self.serial_parameters:,}{why}"
 
-    def card_facts(self, subject: str, base_model: str, lora_targets: str = "q,k,v,o") -> dict[str, Any]:
+    def card_facts(self, subject: str, base_model: str, lora_targets: str | None = None) -> dict[str, Any]:
         """The model card's method facts: the title ("<method> <subject>"), the method label (LoRA's with
-        `lora_targets`), the base model and the parameter counts."""
+        `lora_targets`, by default what ran: "qkv,proj" on a fused qkv, else "q,k,v,o"), the base model and
+        the parameter counts."""
         serial = self.method == "serial"
+        lora_targets = lora_targets or ("qkv,proj" if self.fused_qkv else "q,k,v,o")
         return {"title": f"{'Serial LoRA' if serial else 'LoRA (PEFT)'} {subject}",
                 "method_label": "Serial LoRA" if serial else f"LoRA (PEFT, {lora_targets})",
                 "base_model": base_model, "adapter_parameters": self.adapter_parameters,

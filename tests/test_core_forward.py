@@ -25,12 +25,14 @@ from core_models import (
 )
 from serial_lora_core import (
     SerialLoraConfig,
+    SerialLoraError,
     StreamAdapter,
     disable_serial_lora,
     enable_serial_lora,
     inject_serial_lora,
     serial_lora_modules,
     set_serial_lora_scale,
+    set_serial_lora_scales,
 )
 
 SHAPES = ["BNC", "BHWC"]
@@ -385,6 +387,28 @@ def test_scale_of_one_adapter_leaves_the_other():
     assert not torch.equal(run(model, inputs), only_a)
     set_serial_lora_scale(model, 0.0, "b")
     assert torch.equal(run(model, inputs), only_a)
+
+
+@pytest.mark.parametrize(("scales", "words"), [
+    ({"a": 0.25, "b": 1e38}, "1e+38 times the adapter's scaling 10"),  # b's alpha/r = 10 overflows only times it
+    ({"a": 0.25, "b": float("nan")}, "scale=nan"),
+    ({"a": 0.25, "missing": 1.0}, "'missing'"),
+])
+def test_set_scales_checks_every_adapter_before_changing_any(scales, words):
+    case = HOSTS["split"]
+    model = case.model()
+    inject_serial_lora(model, SerialLoraConfig(rank=2, alpha=2.0), "a")
+    inject_serial_lora(model, SerialLoraConfig(rank=2, alpha=20.0), "b")
+    randomize_adapters(model, seed=3)
+    inputs = case.inputs()
+    before = run(model, inputs)
+    with pytest.raises((ValueError, SerialLoraError), match=re.escape(words)):
+        set_serial_lora_scales(model, scales)
+    assert {a.scale for _, m in serial_lora_modules(model) for ad in m.values() for a in ad.values()} == {1.0}
+    assert torch.equal(run(model, inputs), before)
+    set_serial_lora_scales(model, {"a": 0.0, "b": 0.5})
+    assert {(n, a.scale) for _, m in serial_lora_modules(model) for n, ad in m.items() for a in ad.values()} == {
+        ("a", 0.0), ("b", 0.5)}
 
 
 def test_deepcopy_of_an_adapted_model_is_independent(case):

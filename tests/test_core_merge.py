@@ -268,6 +268,30 @@ def test_merge_refuses_weights_tied_across_attentions(host):
     assert torch.equal(run(model, inputs), unmerged)
 
 
+@pytest.mark.parametrize(("other", "shares"), [("o_proj", "weight"), ("gate", "weight"), ("o_proj", "view")])
+def test_merge_refuses_a_projection_weight_tied_to_a_layer_no_adapter_changes(other, shares):
+    # Merging into q's weight would also change the output projection / gate reading the same
+    # tensor, so merged outputs would silently differ from unmerged ones.
+    case = HOSTS["split"]
+    model = case.model()
+    attn = model.blocks[0].attn
+    if shares == "weight":
+        setattr(getattr(attn, other), "weight", attn.q_proj.weight)
+    else:  # a separate Parameter over the same memory
+        getattr(attn, other).weight = torch.nn.Parameter(attn.q_proj.weight.data)
+    inject_serial_lora(model, SerialLoraConfig(rank=4, alpha=6.0))
+    randomize_adapters(model, seed=8, std=0.25)
+    inputs = case.inputs()
+    unmerged = run(model, inputs)
+    before = snapshot(model)
+    with pytest.raises(SerialLoraError, match="tied weights") as error:
+        merge_serial_lora(model)
+    assert "'blocks.0.attn.q_proj'" in str(error.value) and f"'blocks.0.attn.{other}.weight'" in str(error.value)
+    assert not is_merged(model)
+    assert_unchanged(model, before)
+    assert torch.equal(run(model, inputs), unmerged)
+
+
 def test_one_weight_under_two_projections_of_a_stream_merges_once_and_unmerges_bit_for_bit():
     case = HOSTS["split"]
     model = case.model()

@@ -264,6 +264,7 @@ def test_generated_adapter_names_never_collide(adapter_dir, tmp_path):
     ([0.25, float("nan")], ValueError, r"'default_1' is nan"),
     ([0.25, float("inf")], ValueError, r"'default_1' is inf"),
     ([0.25, 1e300], ValueError, r"'default_1' is 1e\+300"),
+    ([0.25, 3e38], ValueError, r"3e\+38 times the adapter's scaling 2"),  # finite alone, not times alpha/r = 2
     ([0.25, "0.5"], TypeError, r"'default_1' must be a number, got str"),
     ([0.25, True], TypeError, r"'default_1' must be a number, got bool"),
     ("0.5", TypeError, "number or a list of numbers"),

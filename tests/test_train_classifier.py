@@ -94,6 +94,26 @@ def test_method_lora_uses_peft_with_three_times_the_parameters(image_folders, ba
     assert lora == 3 * serial
     assert f"adapter parameters    {lora:,}" in summary
     assert f"LoRA {lora:,} = 3x Serial {serial:,}: PEFT shares A across q,k,v on timm's fused qkv+proj" in summary
+    assert re.search(r"^method\s+LoRA \(PEFT, qkv,proj\)$", summary, re.M), summary  # what ran, not q,k,v,o
+
+
+@pytest.mark.parametrize("method", ["serial", "lora"])
+def test_the_model_cards_snippet_runs_as_written_and_rebuilds_the_trained_classifier(
+        method, image_folders, base_file, tmp_path, monkeypatch):
+    train_dir, _ = image_folders
+    out = tmp_path / method
+    task = ClassifierTask(ClassifierOptions(model=ARCH, train_dir=str(train_dir), pretrained_file=str(base_file),
+                                            model_kwargs=TINY, augment=False))
+    result, _ = train_briefly(task, out, method=method, train_batch_size=6, learning_rate=5e-3, max_train_steps=2)
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert str(base_file) in snippet and "img_size=16" in snippet  # the base this run used, not a hub default
+    monkeypatch.chdir(out)  # the card sits next to the adapter: its file names are relative to that folder
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the card's own code, as a user would paste it
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(images), result.model.eval()(images), rtol=1e-5, atol=1e-5)
 
 
 def _corrupt(folder: Path) -> Path:
