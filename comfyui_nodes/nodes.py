@@ -87,13 +87,20 @@ def load_adapter(name: str) -> AdapterFile:
     return adapter
 
 
-def finite_strength(name: str, value: float) -> float:
+def finite_strength(name: str, value: float, adapter: AdapterFile | None = None) -> float:
     """`value` of the input `name` as a float, refusing NaN and inf (which pass ComfyUI's min/max check)
-    by the core's one check of a scale (`check_scale`), in ComfyUI's words."""
+    by the core's one check of a scale (`check_scale`), in ComfyUI's words; with `adapter`, also a
+    strength whose product with the adapter's scaling (alpha/r) overflows float32 (inf weights)."""
     try:
-        return check_scale(value, name)
+        strength = check_scale(value, name)
     except (TypeError, ValueError):
         raise SerialLoraError(f"{name} is {value!r}; set it to a finite number (1.0 = as trained, 0 = off)") from None
+    if adapter is not None:
+        try:
+            check_scale(strength * adapter.scaling, f"{name}={strength!r} times the scaling {adapter.scaling:g} of {adapter.path!r}")
+        except ValueError as err:
+            raise SerialLoraError(f"{err}; lower {name}") from None
+    return strength
 
 
 def _shapes(state_dict) -> dict[str, torch.Size]:
@@ -187,7 +194,9 @@ class SerialLoraLoader(io.ComfyNode):
     def execute(cls, model, clip, lora_name, strength_model, strength_clip) -> io.NodeOutput:
         strength_model = finite_strength("strength_model", strength_model)
         strength_clip = finite_strength("strength_clip", strength_clip)
-        new_model, new_clip = apply_serial_lora(load_adapter(lora_name), model, strength_model, clip, strength_clip)
+        adapter = load_adapter(lora_name)
+        new_model, new_clip = apply_serial_lora(adapter, model, finite_strength("strength_model", strength_model, adapter),
+                                                clip, finite_strength("strength_clip", strength_clip, adapter))
         return io.NodeOutput(new_model, new_clip)
 
 
@@ -207,7 +216,8 @@ class SerialLoraLoaderModelOnly(SerialLoraLoader):
     @classmethod
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
         strength_model = finite_strength("strength_model", strength_model)
-        new_model, _ = apply_serial_lora(load_adapter(lora_name), model, strength_model)
+        adapter = load_adapter(lora_name)
+        new_model, _ = apply_serial_lora(adapter, model, finite_strength("strength_model", strength_model, adapter))
         return io.NodeOutput(new_model)
 
 
@@ -294,7 +304,8 @@ class SaveSerialLoraAsLora(io.ComfyNode):
                                   "e.g. 'my_export'")
         folder = folder_paths.get_folder_paths("loras")[0]
         path = next_free_path(folder, stem)
-        export_standard_lora(load_adapter(lora_name), model, strength_model, path)
+        adapter = load_adapter(lora_name)
+        export_standard_lora(adapter, model, finite_strength("strength_model", strength_model, adapter), path)
         return io.NodeOutput(os.path.basename(path))
 
 

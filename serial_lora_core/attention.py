@@ -48,6 +48,23 @@ def _projection_pre_hook(projection: nn.Module, args: tuple) -> tuple | None:
     return owner._adapt_projection_input(stream, args)
 
 
+_INSTANCE_ATTRIBUTES = frozenset({"host", "stream_specs", "enabled"})
+"""The public attributes `SerialLoraAttention.__init__` sets (an adapter name must not be one)."""
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """`adapter_name` if it is a Python identifier (it becomes an attribute of `SerialLoraAttention`) that
+    is not already one of its attributes (`forward`, `training`, `items`, `merge`, `host`, `_cache`, ...:
+    adding it used to fail halfway with a bare KeyError), else a clear error."""
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise SerialLoraError(f"adapter_name must be a Python identifier such as 'default', got {adapter_name!r}")
+    if (adapter_name.startswith("_") or adapter_name in _INSTANCE_ATTRIBUTES or hasattr(SerialLoraAttention, adapter_name)
+            or hasattr(nn.ModuleDict(), adapter_name)):
+        raise SerialLoraError(f"adapter_name {adapter_name!r} is the name of an attribute of the adapters' module (or "
+                              "starts with '_'); pick another name, e.g. 'default' or 'style'")
+    return adapter_name
+
+
 class SerialLoraAttention(nn.ModuleDict):
     """Adapters of one attention module: adapter name -> stream -> `StreamAdapter`.
 
@@ -65,6 +82,9 @@ class SerialLoraAttention(nn.ModuleDict):
         self.stream_specs = dict(streams)
         self.enabled = True
         self._originals: dict[str, torch.Tensor] = {}  # projection path -> weight before merging
+        # A plain bool beside `_originals`: torch.compile guards on it, so a graph compiled before a merge
+        # is not reused after it (it does not re-check a dict's emptiness, and ran the adapters twice).
+        self._merged = False
         self._hooks: dict[str, list[RemovableHandle]] = {}  # stream -> its projection hooks
         self._attention_hook: RemovableHandle | None = None
         self._argument_streams: dict[str, tuple[str, int]] = {}  # hooked stream -> (argument name, position)
@@ -78,7 +98,7 @@ class SerialLoraAttention(nn.ModuleDict):
 
     @property
     def merged(self) -> bool:
-        return bool(self._originals)
+        return self._merged
 
     def projection(self, path: str) -> nn.Linear:
         layer = get_submodule(self.attention, path)
@@ -317,6 +337,7 @@ class SerialLoraAttention(nn.ModuleDict):
                 self._originals[path] = weight.detach().clone()
                 with torch.no_grad():
                     weight.copy_(new)
+            self._merged = bool(self._originals)
         except BaseException:
             self.unmerge()
             raise
@@ -327,10 +348,12 @@ class SerialLoraAttention(nn.ModuleDict):
             with torch.no_grad():
                 self.projection(path).weight.copy_(original)
         self._originals.clear()
+        self._merged = False
 
     def forget_originals(self) -> None:
         """Keep the merged weights as the new base (used by merge-and-unload)."""
         self._originals.clear()
+        self._merged = False
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int, int]:

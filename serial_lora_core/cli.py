@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import unicodedata
 
@@ -65,6 +66,11 @@ def _export_lora(args: argparse.Namespace) -> int:
         scale = check_scale(args.scale, "--scale")
     except ValueError as err:
         raise SerialLoraError(str(err)) from None
+    for argument, source in (("input", args.input), ("--base", args.base)):
+        # The export would replace the adapter (or the base weights) it is computed from.
+        if os.path.exists(args.output) and os.path.exists(source) and os.path.samefile(args.output, source):
+            raise SerialLoraError(f"output {args.output!r} is the {argument} file; write the standard LoRA "
+                                  "to another path")
     adapter = read_file(args.input)
     prefix = default_prefix(adapter) if args.prefix is None else args.prefix
     pairs = equivalent_lora(adapter, open_base_weights(args.base, subfolder=args.subfolder), scale=scale)

@@ -57,13 +57,6 @@ def check_scale(value: object, argument: str = "scale") -> float:
     return number
 
 
-def check_adapter_name(adapter_name: object) -> str:
-    """`adapter_name` if it is a Python identifier (it becomes a module attribute), else a clear error."""
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise SerialLoraError(f"adapter_name must be a Python identifier such as 'default', got {adapter_name!r}")
-    return adapter_name
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16 (the spelling used in file metadata)."""
     return str(dtype).removeprefix("torch.")

@@ -11,8 +11,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .attention import ATTRIBUTE, SerialLoraAttention
-from .config import SerialLoraConfig, check_adapter_name, dtype_name
+from .attention import ATTRIBUTE, SerialLoraAttention, check_adapter_name
+from .config import SerialLoraConfig, check_scale, dtype_name
 from .errors import SerialLoraFileError
 from .format import (
     AdapterFile,
@@ -173,15 +173,24 @@ def resolve_projections(
       projections; a file that says otherwise is refused;
     - without a model (export from base weights, ComfyUI's own key layout): the file's projections,
       refused if a host the file names in `hosts` is registered here and says otherwise (the same
-      answer the core would give on the model). A file naming no host known here is taken at its
-      word; the caller then checks each projection exists, with the adapter's width, in the weights
-      it patches.
+      answer the core would give on the model). When no host it names is registered here, the
+      projections must still be a layout that some registered host gives a stream (e.g. `qkv`, or
+      `q_proj/k_proj/v_proj`), so an edited file cannot point the export at any other layer; the
+      caller then checks each projection exists, with the adapter's width, in the weights it patches.
     """
     declared = tuple(adapter.info.streams[stream])
     if host_streams is None:
-        known = [h for h in registered_hosts() if h.name in adapter.hosts and stream in h.streams]
+        hosts = registered_hosts()
+        known = [h for h in hosts if h.name in adapter.hosts and stream in h.streams]
         if known and not any(sorted(h.streams[stream].projections) == sorted(declared) for h in known):
             raise _contradiction(adapter, stream, declared, f"its host {known[0].name!r}", known[0].streams[stream])
+        layouts = {tuple(sorted(spec.projections)) for h in hosts for spec in h.streams.values()}
+        if not known and tuple(sorted(declared)) not in layouts:
+            raise SerialLoraFileError(
+                f"{adapter.path}: metadata field 'streams' says stream {stream!r} feeds {list(declared)}, a layout no "
+                f"registered host has (hosts named by the file: {list(adapter.hosts)}; known layouts: "
+                f"{sorted(map(list, layouts))}); import the integration that made the file (timm_plugin, "
+                "diffusers_loader, transformers_plugin) or register its host with register_host() first")
         return declared
     spec = host_streams.get(stream)
     if spec is None:
@@ -302,6 +311,12 @@ def _plan(model: nn.Module, adapter: AdapterFile, adapter_name: str, architectur
             if current.rank != adapter.rank:
                 raise fail(f"key {key!r}: the model's adapter {adapter_name!r} has rank {current.rank}, the file "
                            f"rank {adapter.rank}; load under another adapter_name or delete the adapter first")
+            try:  # the adapter keeps its scale and takes the file's scaling: their product must fit float32
+                check_scale(current.scale * adapter.scaling, "scale x scaling")
+            except ValueError:
+                raise fail(f"the model's adapter {adapter_name!r} has scale {current.scale:g}, which times the file's "
+                           f"scaling {adapter.scaling:g} (metadata field 'alpha') is beyond float32; lower it with "
+                           "set_serial_lora_scale() first") from None
         plan.append(_Step(attention, module, host, streams, stream, pair))
     return plan
 

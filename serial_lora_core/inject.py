@@ -7,8 +7,8 @@ from typing import Iterator, Mapping
 
 from torch import nn
 
-from .attention import ATTRIBUTE, SerialLoraAttention, check_untied
-from .config import SerialLoraConfig, check_adapter_name, check_scale
+from .attention import ATTRIBUTE, SerialLoraAttention, check_adapter_name, check_untied
+from .config import SerialLoraConfig, check_scale
 from .errors import SerialLoraError
 from .hosts import get_submodule, match_host, registered_hosts
 
@@ -25,6 +25,15 @@ _WRAPPERS = {
     "FullyShardedDataParallel": "_fsdp_wrapped_module",
     "DeepSpeedEngine": "module",
 }
+# What wrappers put INSIDE a model's module paths: a compiled block (`_orig_mod`), FSDP's nested units
+# (an auto-wrap policy wraps every block: `_fsdp_wrapped_module`), activation checkpointing's wrapper.
+_INNER_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def plain_module_path(name: str) -> str:
+    """`name` as the plain model names it: without the segments wrappers insert inside the model, so
+    files written from a model with compiled or FSDP-wrapped blocks load into the plain model."""
+    return ".".join(segment for segment in name.split(".") if segment not in _INNER_WRAPPER_SEGMENTS)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -181,7 +190,7 @@ def serial_lora_modules(model: nn.Module) -> Iterator[tuple[str, SerialLoraAtten
     suffix = "." + ATTRIBUTE
     for name, module in model.named_modules():
         if isinstance(module, SerialLoraAttention):
-            yield (name[: -len(suffix)] if name.endswith(suffix) else ""), module
+            yield plain_module_path(name[: -len(suffix)] if name.endswith(suffix) else ""), module
 
 
 def _modules_with(model: nn.Module, adapter_name: str | None) -> list[SerialLoraAttention]:
@@ -273,8 +282,13 @@ def merge_serial_lora(model: nn.Module, scale: float = 1.0) -> None:
     adapted = [(f"{name}.{path}" if name else path, (name, stream), weight)
                for module, name in modules.items() for stream, path, weight in module.adapted_projections()]
     weights = {f"{path}.weight" for path, _, _ in adapted}
-    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    check_untied(adapted, [(name, tensor) for name, tensor in tensors if name not in weights])
+    tensors = [(plain_module_path(name), tensor) for name, tensor in
+               itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))]
+    # A projection that is a view of a parameter registered under another name (nn.MultiheadAttention's
+    # packed `in_proj_weight`) has that parameter as its weight, not as a second user of it.
+    registered_names = {name for name, _ in tensors}
+    views = {id(weight) for path, _, weight in adapted if f"{path}.weight" not in registered_names}
+    check_untied(adapted, [(name, tensor) for name, tensor in tensors if name not in weights and id(tensor) not in views])
     done = []
     try:
         for module in modules:

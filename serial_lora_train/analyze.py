@@ -187,15 +187,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import json
 
-    import timm
     import timm_plugin  # noqa: F401  (the .serial_lora tag)
 
+    from .classifier import create_timm_model
+
     try:
-        kwargs = json.loads(args.model_kwargs)
-        if args.pretrained_file:
-            kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_file)
-        model = timm.create_model(f"{args.model}.serial_lora", pretrained=bool(args.pretrained or args.pretrained_file),
-                                  serial_lora_weights=args.adapter, **kwargs)
+        model = create_timm_model(f"{args.model}.serial_lora", pretrained=args.pretrained,
+                                  pretrained_file=args.pretrained_file or None, model_kwargs=json.loads(args.model_kwargs),
+                                  serial_lora_weights=args.adapter)
         result = analyze(model, args.output_dir, compare=args.compare,
                          title=f"{Path(args.adapter).name} on {args.model}")
     except (ValueError, TypeError, RuntimeError, SerialLoraError) as err:

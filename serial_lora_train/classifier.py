@@ -30,10 +30,9 @@ from serial_lora_core import ARCHITECTURE_ATTRIBUTE, save_serial_lora
 from .data import few_shot_indices, image_folder_dataset, scan_image_folder
 from .engine import Task, TaskSetup, TrainingArguments
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import MethodInfo, apply_method
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
 
 ADAPTER_FILE = "serial_lora.safetensors"
-PEFT_DIR = "peft_lora"
 
 
 @dataclass
@@ -50,6 +49,30 @@ class ClassifierOptions:
     skip_bad_images: bool = False
     augment: bool = True
     eval_batch_size: int = 64
+
+
+def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | None, model_kwargs: dict[str, Any],
+                      **kwargs: Any) -> nn.Module:
+    """`timm.create_model(model, ...)`, local base weights (`--pretrained-file`) through timm's
+    `pretrained_cfg_overlay`. Weights that do not fit the architecture give one ValueError naming the file, the
+    first mismatch and what to do, instead of torch's list of every key."""
+    import timm
+
+    kwargs = dict(model_kwargs, **kwargs)
+    if pretrained_file is not None:
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    try:
+        return timm.create_model(model, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if pretrained_file is None or "state_dict" not in str(err):
+            raise
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        first = problems[0] if problems else str(err)
+        raise ValueError(f"--pretrained-file {str(pretrained_file)!r} does not fit --model {model!r} with --model-kwargs "
+                         f"{json.dumps(model_kwargs)} ({len(problems)} problem(s); first: "
+                         f"{first[:240]}{'...' if len(first) > 240 else ''}); pass the architecture and the "
+                         "--model-kwargs (depth, embed_dim, img_size, ...) the weights were saved with") from err
 
 
 class Normalize:
@@ -101,15 +124,10 @@ class ClassifierTask(Task):
 
     def create_base(self) -> nn.Module:
         """The timm model with a new head for the folder's classes, base weights as asked."""
-        import timm
-
-        kwargs = dict(self.options.model_kwargs, num_classes=self.num_classes)
-        pretrained = self.options.pretrained
-        if self.options.pretrained_file is not None:
-            pretrained = True
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(self.options.pretrained_file))
-        model = timm.create_model(self.options.model, pretrained=pretrained, **kwargs)
-        setattr(model, ARCHITECTURE_ATTRIBUTE, self.options.model)
+        o = self.options
+        model = create_timm_model(o.model, pretrained=o.pretrained, pretrained_file=o.pretrained_file,
+                                  model_kwargs=o.model_kwargs, num_classes=self.num_classes)
+        setattr(model, ARCHITECTURE_ATTRIBUTE, o.model)
         return model
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
@@ -189,7 +207,8 @@ class ClassifierTask(Task):
         facts: dict[str, Any] = {
             **self.info.card_facts(f"classifier on {self.options.model}", self._base_name()),
             "data": (f"{train_count} training images in {self.num_classes} classes from `{self.options.train_dir}`"
-                     f"{shots}" + (f"; validation `{self.options.val_dir}`" if self.options.val_dir else "")),
+                     f"{shots}; " + (f"validation `{self.options.val_dir}`" if self.options.val_dir
+                                     else "no --val-dir, so no validation loss or top-1 was measured")),
             "summary_rows": {"classes": self.num_classes, "skipped bad images": skipped},
         }
         facts["usage"] = self.usage()
@@ -209,10 +228,8 @@ class ClassifierTask(Task):
             return ["```python", "import timm, timm_plugin", *note,
                     f'model = timm.create_model("{o.model}.serial_lora", {", ".join(base)}, '
                     f'serial_lora_weights="{ADAPTER_FILE}")', "```"]
-        return ["```python", "import timm", "from peft import PeftModel", *note,
-                f'base = timm.create_model("{o.model}", {", ".join(base)}, num_classes={self.num_classes})',
-                f'model = PeftModel.from_pretrained(base, "{PEFT_DIR}")  # the trained head is in the folder too',
-                "```"]
+        return peft_usage(["import timm", *note],
+                          f'timm.create_model("{o.model}", {", ".join(base)}, num_classes={self.num_classes})', PEFT_DIR)
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options

@@ -34,10 +34,9 @@ from torch import nn
 from .data import ImageFolderScan, few_shot_indices, image_folder_dataset, scan_image_folder
 from .engine import Task, TaskSetup, TrainingArguments
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import MethodInfo, apply_method
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
 
 ADAPTER_FILE = "serial_lora.safetensors"
-PEFT_DIR = "peft_lora"
 OPEN_CLIP_PREFIX = "open_clip:"
 DEFAULT_TEMPLATE = "a photo of a {}."
 TOWERS = ("vision", "text")
@@ -230,17 +229,33 @@ class ClipTask(Task):
         o = self.options
         count = len(self.indices) if self.indices is not None else len(self.train_scan.samples)
         shots = f", {o.shots} shots per class (seeded)" if o.shots else ""
+        # Say plainly when nothing was held out (no --val-dir, every image drawn): then no accuracy was measured.
+        held = len(self.val_set) if self.val_set is not None else 0
+        where = f"`{o.val_dir}`" if o.val_dir else "the training images not drawn as shots"
+        held_out = (f"{held} images, {where}" if held else
+                    "none, so no zero-/few-shot accuracy (pass --val-dir, or --shots below the class sizes)")
         facts: dict[str, Any] = {
             **self.info.card_facts(f"CLIP classifier on {o.model}", o.model),
             "data": f"{count} training images in {len(self.prompts)} classes from `{o.train_dir}`{shots}; prompts "
-                    f"{o.template!r}; held-out: {'`' + o.val_dir + '`' if o.val_dir else 'the images not drawn'}",
-            "summary_rows": {"towers": ",".join(o.towers), "classes": len(self.prompts)},
+                    f"{o.template!r}; held-out: {held_out}",
+            "summary_rows": {"towers": ",".join(o.towers), "classes": len(self.prompts),
+                             "held-out images": held or "none (pass --val-dir)"},
         }
         if self.info.method == "serial":
-            facts["usage"] = ["```python", "import transformers_plugin as tp",
-                              f"model = tp.from_pretrained({o.model!r}, {ADAPTER_FILE!r})" if self.library == "transformers"
-                              else f"tp.load_serial_lora(model, {ADAPTER_FILE!r})  # model: open_clip {o.model}", "```"]
+            facts["usage"] = ["```python", "import transformers_plugin as tp", *self._load_lines(), "```"]
+        else:  # --method lora runs on transformers CLIP only
+            facts["usage"] = peft_usage(["from transformers import CLIPModel"], f"CLIPModel.from_pretrained({o.model!r})",
+                                        PEFT_DIR)
         return facts
+
+    def _load_lines(self) -> list[str]:
+        """The card's lines that rebuild the trained model (runnable as written from the card's folder)."""
+        o = self.options
+        if self.library == "transformers":
+            return [f"model = tp.from_pretrained({o.model!r}, {ADAPTER_FILE!r})"]
+        name = o.model[len(OPEN_CLIP_PREFIX):]
+        return ["import open_clip", f"model = open_clip.create_model({name!r}, pretrained={o.open_clip_pretrained!r})",
+                f"tp.load_serial_lora(model, {ADAPTER_FILE!r})"]
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options

@@ -677,6 +677,10 @@ def train(task: Task, args: TrainingArguments) -> TrainResult:
         state = load_checkpoint(resume, accelerator, model, optimizer, scheduler)
         step, position = state["global_step"], state["data_position"]
     if accelerator.is_main_process:
+        if args.resume_from_checkpoint is not None:  # say what resuming did, as diffusers' scripts do
+            print(f"resuming from {resume} (step {step})" if resume is not None else
+                  f"resume_from_checkpoint={args.resume_from_checkpoint!r}: no checkpoint in {out / CHECKPOINTS}; "
+                  "starting a new training run", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, _run_identity(task, args))
         if resume is None:  # a fresh run (over an old one only with --overwrite-output-dir) starts clean

@@ -31,6 +31,8 @@ from serial_lora_core import (
 )
 
 METHODS = ("serial", "lora")
+PEFT_DIR = "peft_lora"
+"""Folder (PEFT's `save_pretrained`) of a `--method lora` run of the classifier, CLIP and SAM trainers."""
 OUTPUT_PROJECTIONS = ("proj", "out_proj", "o_proj", "to_out.0")
 """Output projections of an attention's main stream (timm, HF CLIP/SAM, LLaMA-style, diffusers)."""
 STREAM_OUTPUT_PROJECTIONS = {"text": ("to_add_out",)}
@@ -53,7 +55,7 @@ class MethodInfo:
         """How LoRA's count relates to Serial's here, for the summary table."""
         ratio = self.lora_parameters / self.serial_parameters
         ratio_text = f"{ratio:g}x" if ratio == int(ratio) else f"{ratio:.2f}x"
-        why = (": PEFT shares A across q,k,v on timm's fused qkv+proj" if self.fused_qkv
+        why = (": PEFT shares A across q,k,v on a fused qkv+proj" if self.fused_qkv
                else " on split q,k,v,o")
         return f"LoRA {self.lora_parameters:,} = {ratio_text} Serial {self.serial_parameters:,}{why}"
 
@@ -67,6 +69,13 @@ class MethodInfo:
                 "method_label": "Serial LoRA" if serial else f"LoRA (PEFT, {lora_targets})",
                 "base_model": base_model, "adapter_parameters": self.adapter_parameters,
                 "lora_parameters_note": self.note}
+
+
+def peft_usage(imports: Sequence[str], base: str, folder: str) -> list[str]:
+    """A model card's code block that rebuilds a `--method lora` model: the base expression `base` (after
+    `imports`) with PEFT's saved folder `folder` (the trained head, if any, is in it as `modules_to_save`)."""
+    return ["```python", *imports, "from peft import PeftModel",
+            f"model = PeftModel.from_pretrained({base}, {folder!r})", "```"]
 
 
 def _output_projections(attention: nn.Module, stream: str) -> list[str]:

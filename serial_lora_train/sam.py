@@ -35,10 +35,9 @@ from torch import nn
 from .data import IMAGE_EXTENSIONS, mix_seed
 from .engine import Task, TaskSetup, TrainingArguments
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import MethodInfo, apply_method
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
 
 ADAPTER_FILE = "serial_lora.safetensors"
-PEFT_DIR = "peft_lora"
 IMAGES, MASKS = "images", "masks"
 MASK_SUFFIX = ".png"
 TOWER = "image_encoder"
@@ -301,6 +300,9 @@ class SamTask(Task):
             facts["usage"] = ["```python", "from transformers import SamModel", "import serial_lora_core",
                               f"model = SamModel.from_pretrained({o.model!r})",
                               f"serial_lora_core.load_serial_lora(model, {ADAPTER_FILE!r})", "```"]
+        else:
+            facts["usage"] = peft_usage(["from transformers import SamModel"], f"SamModel.from_pretrained({o.model!r})",
+                                        PEFT_DIR)
         return facts
 
     def fingerprint(self) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from .entry import task_main, task_parser
 CAPTION_SUFFIX = ".txt"
 WEIGHTING_SCHEMES = ("logit_normal", "sigma_sqrt", "mode", "cosmap")
 STREAMS = ("image", "text")
+FIXED_NOISE_EXAMPLES = 8
+"""Training images the fixed-noise loss (`val_loss`) is measured on."""
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -379,7 +381,7 @@ class SD3Task(Task):
         return self.options.flow.loss(pred, noisy, latents, noise, sigmas)
 
     @torch.no_grad()
-    def fixed_noise_loss(self, model, examples: int = 8, draws: int = 4) -> float:
+    def fixed_noise_loss(self, model, examples: int = FIXED_NOISE_EXAMPLES, draws: int = 4) -> float:
         """The loss on the first `examples` training images, `draws` each, with latents, noise and timesteps
         drawn from the run's seed: comparable from one evaluation to the next (the training loss is not)."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -440,19 +442,30 @@ class SD3Task(Task):
     def card(self) -> dict:
         opts, info = self.options, self.info
         skipped = self.data_facts.get("skipped", [])
-        load = ("pipe.load_lora_weights(OUTPUT_DIR)" if info.method == "lora"
-                else "import diffusers_loader; pipe.load_serial_lora_weights(OUTPUT_DIR)")
+        # Runnable as written from the folder holding the card (its files are next to it).
+        if info.method == "lora":
+            load = [f'pipe.load_lora_weights(".", weight_name="{LORA_WEIGHT_NAME}")']
+        else:
+            load = ['import diffusers_loader  # adds load_serial_lora_weights to SD3 pipelines',
+                    'pipe.load_serial_lora_weights(".")  # serial_lora_weights.safetensors of this folder']
+            if opts.export_lora:
+                load.append(f'# stock diffusers, same outputs: pipe.load_lora_weights(".", '
+                            f'weight_name="{LORA_WEIGHT_NAME}")')
         return {
             "title": f"{'Serial LoRA' if info.method == 'serial' else 'LoRA'} for SD3: "
                      f"{opts.pretrained_model_name_or_path}",
             "base_model": opts.pretrained_model_name_or_path,
-            "method_label": f"{info.method} (streams: {','.join(opts.streams)})",
+            "method_label": f"{'Serial LoRA' if info.method == 'serial' else 'LoRA (PEFT)'} "
+                            f"(streams: {','.join(opts.streams)})",
             "adapter_parameters": info.adapter_parameters,
             "lora_parameters_note": info.note,
             "data": (f"{self.data_facts.get('images')} images from `{opts.instance_data_dir}`, "
                      f"{self.data_facts.get('captions')} distinct caption(s), {opts.resolution} px"
                      + (f"; {len(skipped)} unreadable image(s) skipped" if skipped else "")),
             "summary_rows": {"images": self.data_facts.get("images"), "skipped images": len(skipped),
+                             # DreamBooth data has no held-out split: say what "val loss" was measured on.
+                             "val loss on": f"the first {min(self.data_facts.get('images') or 0, FIXED_NOISE_EXAMPLES)} "
+                                            "training images, fixed noise and timesteps",
                              "weighting scheme": opts.flow.weighting_scheme,
                              "precondition outputs": int(opts.flow.precondition_outputs),
                              **({"why not 4x": "the last joint block has no to_add_out (context_pre_only)"}
@@ -460,7 +473,7 @@ class SD3Task(Task):
                                 else {})},
             "usage": ["## Use", "", "```python", "from diffusers import StableDiffusion3Pipeline",
                       f"pipe = StableDiffusion3Pipeline.from_pretrained({opts.pretrained_model_name_or_path!r})",
-                      load, "```"],
+                      *load, "```"],
         }
 
     def fingerprint(self) -> dict:

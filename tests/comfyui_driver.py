@@ -293,6 +293,11 @@ def file_handling(pack, base) -> dict:
     RESULTS["errors"]["nan_strength_save"] = error_of(lambda: save.execute(
         model=base, lora_name="tiny.safetensors", strength_model=float("nan"), filename_prefix="nan"))
     out["nan_save_wrote_nothing"] = not any(n.startswith("nan_") for n in os.listdir(loras))
+    RESULTS["errors"]["huge_scaling_strength"] = error_of(lambda: only.execute(
+        model=base, lora_name="huge_alpha.safetensors", strength_model=100.0))
+    RESULTS["errors"]["huge_scaling_save"] = error_of(lambda: save.execute(
+        model=base, lora_name="huge_alpha.safetensors", strength_model=100.0, filename_prefix="huge"))
+    out["huge_save_wrote_nothing"] = not any(n.startswith("huge_") for n in os.listdir(loras))
     return out
 
 

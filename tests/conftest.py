@@ -38,6 +38,15 @@ def train_briefly(task: Any, out: Path, method: str = "serial", **arguments: Any
     return result, losses
 
 
+def run_card_snippet(out: Path, monkeypatch: Any) -> dict:
+    """Run the python block of a trainer's model card (`out`/README.md) as a user would paste it, from the folder
+    holding the card (its file names are relative to it); returns the snippet's namespace."""
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec((out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0], scope)  # noqa: S102
+    return scope
+
+
 @pytest.fixture
 def image_folders(tmp_path: Path) -> tuple[Path, Path]:
     """(train, val) folders: 3 colour classes, 6 training and 2 validation 16x16 images each."""

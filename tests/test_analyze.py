@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import timm
 import timm_plugin  # noqa: F401
-from serial_lora_core import SerialLoraError, merge_serial_lora, save_serial_lora, serial_lora_modules
+from serial_lora_core import SerialLoraConfig, SerialLoraError, merge_serial_lora, save_serial_lora, serial_lora_modules
 from serial_lora_core.cli import main as cli_main
 from serial_lora_train.analyze import CSV_FILE, PNG_FILE, analyze, spectra
 from serial_lora_train.methods import apply_method
@@ -67,6 +67,50 @@ def test_cli_writes_png_and_one_csv_row_per_block_projection_and_singular_value(
     assert {r["projection"] for r in rows} == {"q", "k", "v"}
     assert all(float(r["lora"]) != float(r["base"]) for r in rows[:5])
     assert (tmp_path / "out" / PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Base weights of another shape (no --model-kwargs): one line naming the file and what to pass, no output.
+    rc = cli_main(["analyze", str(adapter), "--model", ARCH, "--pretrained-file", str(base), "--output-dir",
+                   str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("serial-lora: error: --pretrained-file") and "does not fit" in err, err
+    assert "--model-kwargs" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def _adapted(kind: str) -> torch.nn.Module:
+    """A tiny model of the other hosts with Serial LoRA (rank 4), B randomised as if trained."""
+    from timm_models import randomize_adapters
+
+    config = SerialLoraConfig(rank=4, streams=("image", "text") if kind == "sd3" else None)
+    if kind == "sd3":
+        import diffusers_loader
+        from sd3_tiny import tiny_sd3_transformer
+
+        model = tiny_sd3_transformer()
+        diffusers_loader.add_serial_lora(model, config)
+    else:
+        import transformers_plugin as tp
+        from hf_tiny import tiny_clip, tiny_sam
+
+        model = tiny_clip() if kind == "clip" else tiny_sam()
+        tp.inject(model, config)
+    randomize_adapters(model)
+    return model
+
+
+# kind: (streams, rows = blocks x streams x (q, k, v) x width's singular values)
+OTHER_HOSTS = {"clip": ({"input"}, 2 * 3 * 32 + 2 * 3 * 48),   # text tower 32 wide, vision tower 48 wide
+               "sam": ({"input"}, 2 * 3 * 32),                 # image encoder only, fused qkv
+               "sd3": ({"image", "text"}, 2 * 2 * 3 * 32)}     # joint attention: image and text streams
+
+
+@pytest.mark.parametrize("kind", list(OTHER_HOSTS))
+def test_any_adapted_model_gets_its_spectra_from_python(kind, tmp_path):
+    streams, count = OTHER_HOSTS[kind]
+    result = analyze(_adapted(kind), tmp_path)
+    with open(result.csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert result.rows == len(rows) == count and {r["stream"] for r in rows} == streams
+    assert any(float(r["serial_lora"]) != float(r["base"]) for r in rows)
+    assert result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_merged_adapters_are_refused(tmp_path):

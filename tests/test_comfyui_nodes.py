@@ -31,6 +31,7 @@ from serial_lora_core import (
     serial_lora_parameters,
     unmerge_serial_lora,
 )
+from serial_lora_core.format import write_file
 
 REPO = Path(__file__).resolve().parents[1]
 # ComfyUI infers an SD3 model's depth from its weights and needs hidden size = 64 x depth.
@@ -119,6 +120,10 @@ def comfy(tmp_path_factory, comfyui_dir):
     adapter_for(both, models / "loras" / "with_te.safetensors", seed=2)
     # A version-2 file that also carries a trained module (modules_to_save), which weight patches cannot apply.
     save_serial_lora(transformer, models / "loras" / "with_head.safetensors", modules_to_save=("proj_out",))
+    # A valid file whose scaling alpha/r = 2.5e37 overflows float32 times a strength of 100 (inf weights).
+    tiny = read_file(models / "serial_loras" / "tiny.safetensors")
+    write_file(models / "serial_loras" / "huge_alpha.safetensors", load_file(tiny.path),
+               {**{k: v for k, v in tiny.metadata.items() if k != "sha256"}, "alpha": "1e38"})
     # The clone (repository in custom_nodes/) and the link (pip-installed package).
     (work / "custom_nodes").mkdir()
     (work / "custom_nodes" / "serial-lora").symlink_to(REPO, target_is_directory=True)
@@ -184,7 +189,7 @@ def test_save_node_never_overwrites_and_counts_like_comfyui(comfy):
     assert files["saved"] == ["with_te_00001_.safetensors", "with_te_00002_.safetensors", "again_00001_.safetensors"]
     assert files["saved_exist"] == [True, True, True]
     assert files["source_unchanged"]  # loras/with_te.safetensors, the name the user typed, is untouched
-    assert files["nan_save_wrote_nothing"]
+    assert files["nan_save_wrote_nothing"] and files["huge_save_wrote_nothing"]
 
 
 def test_adapter_cache_keys_on_content_not_mtime_and_size(comfy):
@@ -329,6 +334,8 @@ def test_stacking_applies_on_the_patched_weight(comfy):
     ("nan_strength_model", ["strength_model is nan", "finite"]),
     ("inf_strength_clip", ["strength_clip is -inf", "finite"]),
     ("nan_strength_save", ["strength_model is nan", "finite"]),
+    ("huge_scaling_strength", ["strength_model=100.0 times the scaling 2.5e+37", "huge_alpha.safetensors"]),
+    ("huge_scaling_save", ["strength_model=100.0 times the scaling 2.5e+37", "huge_alpha.safetensors"]),
 ])
 def test_bad_input_is_a_clear_error(comfy, name, words):
     error = comfy["results"]["errors"][name]

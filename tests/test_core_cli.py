@@ -152,6 +152,22 @@ def test_export_lora_is_the_exact_standard_lora(host, tmp_path, capsys):
         load_serial_lora(case.model(), out)
 
 
+@pytest.mark.parametrize("target", ["input", "base", "input_through_a_link"])
+def test_export_lora_refuses_to_overwrite_its_own_input_or_base(target, tmp_path, capsys):
+    # `serial-lora export-lora a.safetensors a.safetensors` used to replace the adapter with its export.
+    case = HOSTS["fused"]
+    _, path = saved_adapter(case, tmp_path)
+    base = base_weights_file(case, tmp_path)
+    output = {"input": path, "base": base, "input_through_a_link": tmp_path / "link.safetensors"}[target]
+    if target == "input_through_a_link":
+        output.symlink_to(path)
+    before = {p: p.read_bytes() for p in (path, base)}
+    assert main(["export-lora", str(path), str(output), "--base", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert str(output) in err and ("--base file" if target == "base" else "input file") in err
+    assert {p: p.read_bytes() for p in (path, base)} == before
+
+
 def test_export_lora_with_base_missing_a_projection_exits_2(tmp_path, capsys):
     case = HOSTS["fused"]
     _, path = saved_adapter(case, tmp_path)

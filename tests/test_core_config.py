@@ -18,10 +18,14 @@ from serial_lora_core import (
     StreamSpec,
     adapter_config,
     inject_serial_lora,
+    load_serial_lora,
     register_host,
     registered_hosts,
+    save_serial_lora,
+    serial_lora_modules,
     set_serial_lora_scale,
 )
+from serial_lora_core.attention import check_adapter_name
 from serial_lora_core.config import check_scale
 from serial_lora_core.hosts import registered, unregister_host
 
@@ -102,6 +106,42 @@ def test_bad_adapter_names(adapter_name):
     model = HOSTS["fused"].model()
     with pytest.raises(SerialLoraError, match="adapter_name"):
         inject_serial_lora(model, SerialLoraConfig(rank=2), adapter_name)
+
+
+@pytest.mark.parametrize("adapter_name", ["forward", "training", "items", "host", "enabled", "merged", "_cache", "__class__"])
+@pytest.mark.parametrize("call", ["inject", "load"])
+def test_adapter_names_that_are_attributes_of_the_adapters_module_are_refused(adapter_name, call, tmp_path):
+    # Such a name used to fail halfway with a bare KeyError ("attribute 'forward' already exists"),
+    # after hooks had been attached.
+    case = HOSTS["fused"]
+    source = case.model()
+    inject_serial_lora(source, SerialLoraConfig(rank=2))
+    path = save_serial_lora(source, tmp_path / "adapter.safetensors")
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(SerialLoraError, match=f"adapter_name {adapter_name!r} is the name of an attribute"):
+        if call == "inject":
+            inject_serial_lora(model, SerialLoraConfig(rank=2), adapter_name)
+        else:
+            load_serial_lora(model, path, adapter_name=adapter_name)
+    assert_unchanged(model, before)
+
+
+def test_every_attribute_of_the_adapters_module_is_a_refused_adapter_name():
+    # Kept in sync with SerialLoraAttention: a new attribute must not become a usable adapter name.
+    model = HOSTS["fused"].model()
+    inject_serial_lora(model, SerialLoraConfig(rank=2))
+    (_, module), = list(serial_lora_modules(model))[:1]
+    names = (set(vars(module)) | set(dir(type(module)))) - set(module.keys())
+    accepted = []
+    for name in sorted(n for n in names if n.isidentifier()):
+        try:
+            check_adapter_name(name)
+            accepted.append(name)
+        except SerialLoraError:
+            pass
+    assert accepted == []
+    assert check_adapter_name("style") == "style"
 
 
 def test_bad_arguments_to_inject_and_scale():

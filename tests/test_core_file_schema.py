@@ -168,6 +168,18 @@ def test_streams_that_contradict_the_host_are_refused_by_every_consumer(hosts, w
     assert main(["info", str(path)]) == info_exit
 
 
+def test_a_file_naming_no_known_host_cannot_point_the_export_at_another_layer(context, tmp_path, capsys):
+    # Re-hashed: no host named, and a stream that "feeds" a layer no attention host reads through an adapter.
+    path = context.rewrite(streams=json.dumps({"input": ["norm1"]}), hosts="[]")
+    adapter = read_file(path)
+    with pytest.raises(SerialLoraFileError, match=r"feeds \['norm1'\], a layout no registered host has"):
+        equivalent_lora(adapter, dict(HOSTS["fused"].model().state_dict()))
+    base = base_weights_file(HOSTS["fused"], tmp_path)
+    assert main(["export-lora", str(path), str(tmp_path / "o.safetensors"), "--base", str(base)]) == 2
+    assert "a layout no registered host has" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_resolve_projections_is_the_hosts_with_a_model_and_the_files_without(context):
     adapter = read_file(context.good)
     _, streams = match_host(target_model(HOSTS["fused"]).blocks[0].attn)

@@ -118,6 +118,23 @@ def test_load_into_a_model_that_already_has_the_adapter(case, tmp_path):
     assert all(p.requires_grad for p in serial_lora_state_dict(target).values())
 
 
+def test_load_into_an_adapter_whose_scale_times_the_files_scaling_overflows_is_refused(tmp_path):
+    # The existing adapter keeps its scale (1e37) and would take the file's scaling (400/4 = 100):
+    # 1e39 is beyond float32, and the first forward used to crash ("cannot be converted ... overflow").
+    case = HOSTS["fused"]
+    path = save_serial_lora(source_model(case, alpha=400.0), tmp_path / "large_alpha.safetensors")
+    target = source_model(case)
+    set_serial_lora_scale(target, 1e37)
+    before = snapshot(target)
+    with pytest.raises(SerialLoraFileError, match=r"scale 1e\+37, which times the file's scaling 100") as error:
+        load_serial_lora(target, path)
+    assert "large_alpha.safetensors" in str(error.value)
+    assert_unchanged(target, before)
+    set_serial_lora_scale(target, 1.0)
+    load_serial_lora(target, path)
+    assert torch.isfinite(run(target, case.inputs())).all()
+
+
 def test_load_under_a_second_adapter_name(case, tmp_path):
     source = source_model(case)
     inputs = case.inputs()

@@ -25,8 +25,11 @@ from serial_lora_core import (
     enable_serial_lora,
     inject_serial_lora,
     load_serial_lora,
+    merge_and_unload_serial_lora,
+    merge_serial_lora,
     save_serial_lora,
     serial_lora_modules,
+    unmerge_serial_lora,
     unwrap_model,
 )
 from serial_lora_core.adapter import StreamAdapter
@@ -105,6 +108,55 @@ def test_save_through_a_wrapper_writes_the_plain_model(wrap, tmp_path):
     for target in (case.model(), wrap(case.model())):
         load_serial_lora(target, tmp_path / "wrapped.safetensors")
         torch.testing.assert_close(run(unwrap_model(target), case.inputs()), expected, rtol=0, atol=0)
+
+
+def _wrap_blocks(model, kind):
+    if kind == "fsdp_auto_wrap":  # as accelerate's FSDP with a transformer-layer wrap policy does
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True,
+                                        auto_wrap_policy=ModuleWrapPolicy({type(model.blocks[0])}))
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrap = torch.compile if kind == "compiled_blocks" else checkpoint_wrapper
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = wrap(block)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["compiled_blocks", "checkpointed_blocks", "fsdp_auto_wrap"])
+def test_wrappers_inside_the_model_are_left_out_of_file_keys(kind, request, tmp_path):
+    # Their segments (`_orig_mod`, `_checkpoint_wrapped_module`, `_fsdp_wrapped_module`) sit inside
+    # module paths; keys carrying them were refused by the plain model.
+    if kind == "fsdp_auto_wrap":
+        request.getfixturevalue("process_group")
+    case = HOSTS["fused"]
+    model = adapted(case)
+    expected = run(model, case.inputs())
+    wrapped = _wrap_blocks(model, kind)
+    save_serial_lora(wrapped, tmp_path / "adapter.safetensors")
+    assert file_keys(tmp_path / "adapter.safetensors") == sorted(
+        f"blocks.{n}.attn.serial_lora.input.{part}.weight" for n in range(2) for part in ("down", "up"))
+    for target in (case.model(), _wrap_blocks(case.model(), kind)):
+        load_serial_lora(target, tmp_path / "adapter.safetensors")
+        torch.testing.assert_close(run(unwrap_model(target), case.inputs()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_compiled_model_merged_after_running_stays_exact():
+    # The graph compiled before the merge ran the adapters on top of the merged weights (twice).
+    case = HOSTS["split"]
+    model = adapted(case)
+    inputs = case.inputs()
+    expected = run(model, inputs)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(run(compiled, inputs), expected, rtol=1e-5, atol=1e-5)
+    merge_serial_lora(compiled)
+    torch.testing.assert_close(run(compiled, inputs), expected, rtol=1e-5, atol=1e-5)
+    unmerge_serial_lora(compiled)
+    torch.testing.assert_close(run(compiled, inputs), expected, rtol=1e-5, atol=1e-5)
+    merge_and_unload_serial_lora(model)
+    torch.testing.assert_close(run(compiled, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("wrapper", ["data_parallel", "ddp", "fsdp"])

@@ -340,6 +340,21 @@ def test_torch_compile_inductor_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [BY_NAME["beit"], BY_NAME["eva02_fused_qkv_bias"], BY_NAME["eva02_split_qkv"]],
+                         ids=["beit", "eva02_fused_qkv_bias", "eva02_split_qkv"])
+def test_fx_tracing_works_and_jit_script_is_refused_on_eva_and_beit(family):
+    # Their attention reads the qkv weight itself: the adapter hooks the forward argument, which fx
+    # traced as a proxy (and failed on); torch.jit.script cannot run hooks at all.
+    model = family.create()
+    randomize_adapters(model)
+    images = family.images()
+    with torch.no_grad():
+        eager = model(images)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(images), eager, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SerialLoraError, match="merge_and_unload_serial_lora"):
+        torch.jit.script(model)
+
+
 def _loss_and_grads(model: nn.Module, images: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Output and the trainable parameters' gradients of a squared-output loss (`forward` defaults to `model`)."""
     model.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import timm
 import timm_plugin  # noqa: F401
-from conftest import train_briefly, write_image_folder
+from conftest import run_card_snippet, train_briefly, write_image_folder
 from timm_models import BY_NAME
 from serial_lora_core import read_file, save_serial_lora
 from serial_lora_core.cli import main as cli_main
@@ -93,7 +93,7 @@ def test_method_lora_uses_peft_with_three_times_the_parameters(image_folders, ba
     lora = 2 * 4 * ((32 + 96) + (32 + 32))
     assert lora == 3 * serial
     assert f"adapter parameters    {lora:,}" in summary
-    assert f"LoRA {lora:,} = 3x Serial {serial:,}: PEFT shares A across q,k,v on timm's fused qkv+proj" in summary
+    assert f"LoRA {lora:,} = 3x Serial {serial:,}: PEFT shares A across q,k,v on a fused qkv+proj" in summary
     assert re.search(r"^method\s+LoRA \(PEFT, qkv,proj\)$", summary, re.M), summary  # what ran, not q,k,v,o
 
 
@@ -106,14 +106,13 @@ def test_the_model_cards_snippet_runs_as_written_and_rebuilds_the_trained_classi
                                             model_kwargs=TINY, augment=False))
     result, _ = train_briefly(task, out, method=method, train_batch_size=6, learning_rate=5e-3, max_train_steps=2)
     card = (out / "README.md").read_text()
+    assert "no --val-dir, so no validation loss or top-1 was measured" in card  # said, not left out silently
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert str(base_file) in snippet and "img_size=16" in snippet  # the base this run used, not a hub default
-    monkeypatch.chdir(out)  # the card sits next to the adapter: its file names are relative to that folder
-    scope: dict = {}
-    exec(snippet, scope)  # noqa: S102 - the card's own code, as a user would paste it
+    model = run_card_snippet(out, monkeypatch)["model"]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(scope["model"].eval()(images), result.model.eval()(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(images), result.model.eval()(images), rtol=1e-5, atol=1e-5)
 
 
 def _corrupt(folder: Path) -> Path:
@@ -160,6 +159,9 @@ BAD_INPUTS = {
     "too few images for shots": (_with("--shots", "7"), "--shots 7: class 'blue' has only 6 image"),
     "not a plugin architecture": (_with("--model", "resnet18"), "not an architecture of the timm plugin"),
     "bad learning rate": (_with("--learning-rate", "0"), "learning_rate must be positive"),
+    "base weights of another shape": (_with("--model-kwargs", json.dumps({**TINY, "embed_dim": 48})),
+                                      r"--pretrained-file '.*base.safetensors' does not fit --model .*pass the "
+                                      r"architecture and the --model-kwargs"),
 }
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_briefly, write_image_folder
+from conftest import run_card_snippet, train_briefly, write_image_folder
 from transformers import CLIPModel
 
 import transformers_plugin as tp
 from hf_tiny import CLIP_IMAGE, clip_tokenizer, save_tiny_clip_folder, tiny_clip, tiny_open_clip
-from serial_lora_core import read_file
+from serial_lora_core import read_file, serial_lora_modules, serial_lora_parameters
 from serial_lora_core.cli import main as cli_main
 from serial_lora_train.clip import ADAPTER_FILE, PEFT_DIR, ClipOptions, ClipTask, class_prompts, clip_logits
 
@@ -75,7 +75,8 @@ def test_prompt_classifier_logits_equal_the_hand_computation(library):
 
 
 @pytest.mark.parametrize("method", ["serial", "lora"])
-def test_training_lowers_the_loss_and_reports_zero_shot_before_and_few_shot_after(method, clip_data, tmp_path):
+def test_training_lowers_the_loss_and_reports_zero_shot_before_and_few_shot_after(method, clip_data, tmp_path,
+                                                                                   monkeypatch):
     base, train_dir, val_dir = clip_data
     out = tmp_path / "out"
     task = ClipTask(ClipOptions(model=str(base), train_dir=str(train_dir), val_dir=str(val_dir), shots=4))
@@ -85,8 +86,15 @@ def test_training_lowers_the_loss_and_reports_zero_shot_before_and_few_shot_afte
     assert set(result.metrics) == {"top1", "val_loss", "zero_shot_top1", "zero_shot_val_loss"}
     assert result.metrics["val_loss"] < result.metrics["zero_shot_val_loss"]
     assert "zero shot top1" in result.summary and "LoRA 5,120 = 4x Serial 1,280" in result.summary
+    images = torch.randn(2, 3, CLIP_IMAGE, CLIP_IMAGE, generator=torch.Generator().manual_seed(5))
+    prompts = {k: v for k, v in task.tokens.items()}
+    trained = result.model.eval()
     if method == "lora":
         assert (out / PEFT_DIR / "adapter_config.json").is_file()
+        from_card = run_card_snippet(out, monkeypatch)["model"].eval()  # PEFT's folder, as the card loads it
+        with torch.no_grad():
+            torch.testing.assert_close(clip_logits(from_card, images, prompts, "transformers"),
+                                       clip_logits(trained, images, prompts, "transformers"), rtol=1e-5, atol=1e-6)
         return
     adapter = read_file(out / ADAPTER_FILE)
     assert json.loads(adapter.metadata["towers"]) == ["text", "vision"]
@@ -94,15 +102,18 @@ def test_training_lowers_the_loss_and_reports_zero_shot_before_and_few_shot_afte
     assert adapter.metadata["prompt_template"] == "a photo of a {}."
     # The file reloads onto the base model and reproduces the trained prompt classifier.
     reloaded = tp.from_pretrained(base, out / ADAPTER_FILE, CLIPModel).eval()
-    trained = result.model.eval()
-    images = torch.randn(2, 3, CLIP_IMAGE, CLIP_IMAGE, generator=torch.Generator().manual_seed(5))
-    prompts = {k: v for k, v in task.tokens.items()}
     with torch.no_grad():
         torch.testing.assert_close(clip_logits(reloaded, images, prompts, "transformers"),
                                    clip_logits(trained, images, prompts, "transformers"), rtol=1e-5, atol=1e-6)
+    # So does the model card's snippet, run as written from the folder holding it.
+    scope = run_card_snippet(out, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(clip_logits(scope["model"].eval(), images, prompts, "transformers"),
+                                   clip_logits(trained, images, prompts, "transformers"), rtol=1e-5, atol=1e-6)
 
 
-def test_cli_trains_an_open_clip_model_and_the_file_reloads(open_clip_tiny, clip_data, tmp_path, capsys):
+def test_cli_trains_an_open_clip_model_and_the_file_reloads(open_clip_tiny, clip_data, tmp_path, capsys,
+                                                          monkeypatch):
     _, train_dir, _ = clip_data
     out = tmp_path / "oc"
     rc = cli_main(["train-clip", "--model", open_clip_tiny, "--train-dir", str(train_dir), "--shots", "4",
@@ -115,6 +126,26 @@ def test_cli_trains_an_open_clip_model_and_the_file_reloads(open_clip_tiny, clip
     model = open_clip.create_model(OPEN_CLIP_TINY)
     adapter = tp.load_serial_lora(model, out / ADAPTER_FILE)
     assert len(adapter.attentions) == 4 and json.loads(adapter.metadata["towers"]) == ["text", "vision"]
+    rebuilt = run_card_snippet(out, monkeypatch)["model"]  # the card builds the open_clip model, loads the file
+    assert len(list(serial_lora_modules(rebuilt))) == 4
+    loaded, again = list(serial_lora_parameters(model)), list(serial_lora_parameters(rebuilt))
+    assert len(loaded) == len(again) == 8 and all(torch.equal(a, b) for a, b in zip(loaded, again))
+
+
+@pytest.mark.parametrize("shots, held_out", [("4", "6"), ("6", "none (pass --val-dir)")])
+def test_the_summary_and_card_say_how_many_images_were_held_out(shots, held_out, clip_data, tmp_path, capsys):
+    """Without --val-dir the held-out split is the images not drawn as shots; when --shots takes them all, the
+    summary and the card say that no accuracy was measured instead of leaving it unsaid."""
+    base, train_dir, _ = clip_data
+    out = tmp_path / "out"
+    assert cli_main(["train-clip", "--model", str(base), "--train-dir", str(train_dir), "--shots", shots,
+                     "--output-dir", str(out), "--max-train-steps", "1", *FAST]) == 0
+    summary = capsys.readouterr().out
+    assert re.search(rf"^held-out images\s+{re.escape(held_out)}$", summary, re.M), summary
+    assert ("zero shot top1" in summary) == (shots == "4")
+    card = (out / "README.md").read_text()
+    assert ("held-out: 6 images, the training images not drawn" in card) == (shots == "4")
+    assert ("held-out: none, so no zero-/few-shot accuracy" in card) == (shots == "6")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -141,6 +141,14 @@ def test_resume_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
         train(TinyTask(), args_for(tmp_path / "run", resume_from_checkpoint=str(tmp_path)))
 
 
+def test_resume_says_which_checkpoint_it_continues_or_that_there_was_none(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(TinyTask(), args_for(out, max_train_steps=2, resume_from_checkpoint="latest"))  # as diffusers: starts fresh
+    assert "resume_from_checkpoint='latest': no checkpoint in" in capsys.readouterr().err
+    train(TinyTask(), args_for(out, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (step 2)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("method", "b_matrices"), [("serial", 2), ("lora", 4)])  # 2 blocks; LoRA: qkv + proj
 def test_lora_plus_gives_b_ratio_times_the_learning_rate(method, b_matrices):
     torch.manual_seed(0)
@@ -245,3 +253,34 @@ def test_a_trainer_whose_dependency_is_missing_says_what_to_install(monkeypatch,
     assert "train-sd3 needs the Python package 'diffusers'" in capsys.readouterr().err
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     assert {"info", "train-classifier", "analyze"} <= set(commands)  # everything else stays registered
+
+
+def _readme_train_commands() -> list[tuple[str, str]]:
+    """(sub-command, command line) of every `serial-lora train-*|analyze` / `-m serial_lora_train.<task>` line
+    in README.md's bash blocks (continuation lines joined, comments dropped)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split("  #")[0]
+            match = re.search(r"serial-lora ((?:train-\w+|analyze))\b|-m serial_lora_train\.(\w+)", line)
+            if match:
+                found.append((match.group(1) or f"train-{match.group(2)}", line.strip()))
+    return found
+
+
+@pytest.mark.parametrize("command, line", _readme_train_commands())
+def test_readme_train_commands_use_options_the_command_has(command, line):
+    """The README's train/analyze command lines name only options their parser defines (the docs cannot rot)."""
+    import argparse
+    import re
+
+    from serial_lora_core.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert command in commands, f"README names `serial-lora {command}`, which does not exist"
+    own = line.split(" -m ", 1)[1] if " -m " in line else line  # `accelerate launch`'s options come first
+    unknown = [f for f in re.findall(r"(?<!\S)--[\w-]+", own) if f not in commands[command]._option_string_actions]
+    assert not unknown, f"{line!r}: {unknown}"

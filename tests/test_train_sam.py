@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import SamModel
 
 import serial_lora_core as core
-from conftest import train_briefly
+from conftest import run_card_snippet, train_briefly
 from hf_tiny import SAM_IMAGE, tiny_sam
 from serial_lora_core.cli import main as cli_main
 from serial_lora_train.engine import TrainingArguments
@@ -82,7 +82,8 @@ def test_box_prompt_is_the_bounding_box_of_the_mask_and_the_loss_vanishes_on_a_p
 
 
 @pytest.mark.parametrize("method", ["serial", "lora"])
-def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(method, sam_data, tmp_path):
+def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(method, sam_data, tmp_path,
+                                                                             monkeypatch):
     base, train_dir, val_dir = sam_data
     out = tmp_path / "out"
     task = SamTask(SamOptions(model=str(base), data_dir=str(train_dir), val_dir=str(val_dir), box_jitter=0.0))
@@ -90,11 +91,17 @@ def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(met
     result, losses = train_briefly(task, out, method, train_batch_size=8, learning_rate=2e-2, max_train_steps=5)
     assert len(losses) == 5 and all(b < a for a, b in zip(losses, losses[1:])), losses
     assert set(result.metrics) == {"dice", "val_loss"} and 0 <= result.metrics["dice"] <= 1
+    assert "= 3x Serial 512: PEFT shares A across q,k,v on a fused qkv+proj" in result.summary  # SAM's fused qkv
     fresh = SamModel.from_pretrained(base).eval()
     trained = result.model.eval()
     frozen = {k: v for k, v in fresh.state_dict().items() if not k.startswith("vision_encoder.")}
     now = trained.state_dict() if method == "serial" else trained.get_base_model().state_dict()
     assert frozen and all(torch.equal(now[k], v) for k, v in frozen.items())  # prompt encoder + mask decoder
+    pixels, boxes, _ = next(iter(torch.utils.data.DataLoader(task.val_set, batch_size=2)))
+    from_card = run_card_snippet(out, monkeypatch)["model"].eval()  # the model card's snippet, as written
+    with torch.no_grad():
+        torch.testing.assert_close(mask_logits(from_card, pixels, boxes), mask_logits(trained, pixels, boxes),
+                                   rtol=1e-4, atol=1e-5)
     if method == "lora":
         assert (out / PEFT_DIR / "adapter_config.json").is_file()
         return
@@ -102,7 +109,6 @@ def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(met
     assert json.loads(adapter.metadata["towers"]) == ["image_encoder"]
     assert all(name.startswith("vision_encoder.") for name in adapter.attentions)
     core.load_serial_lora(fresh, out / ADAPTER_FILE)  # the plain core one-liner
-    pixels, boxes, _ = next(iter(torch.utils.data.DataLoader(task.val_set, batch_size=2)))
     with torch.no_grad():
         torch.testing.assert_close(mask_logits(fresh, pixels, boxes), mask_logits(trained, pixels, boxes),
                                    rtol=1e-4, atol=1e-5)

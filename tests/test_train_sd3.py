@@ -26,6 +26,7 @@ import diffusers_loader  # noqa: F401  (adds load_serial_lora_weights to the SD3
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from safetensors.torch import load_file
+from conftest import run_card_snippet
 from sd3_tiny import tiny_sd3_pipeline, tiny_sd3_transformer, transformer_inputs
 from serial_lora_train import sd3
 from serial_lora_train.engine import TrainingArguments, train
@@ -156,7 +157,8 @@ def test_text_embeddings_are_clip_penultimate_padded_then_t5():
 # --------------------------------------------------------------------------------------------- training
 
 
-def test_serial_training_lowers_loss_and_files_reproduce_the_trained_transformer(pipeline_dir, tmp_path):
+def test_serial_training_lowers_loss_and_files_reproduce_the_trained_transformer(pipeline_dir, tmp_path,
+                                                                                  monkeypatch):
     data = write_instance_folder(tmp_path / "one", 1, {0: "a red cat"})
     out = tmp_path / "out"
     task = run(pipeline_dir, data, out, "--max-train-steps", "10", "--train-batch-size", "4", "--learning-rate",
@@ -190,9 +192,14 @@ def test_serial_training_lowers_loss_and_files_reproduce_the_trained_transformer
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000005-0.png", "step-000010-0.png"]
     card = (out / "README.md").read_text()
     assert str(pipeline_dir) in card and "load_serial_lora_weights" in card and "| images | 1 |" in card
+    assert "| val loss on | the first 1 training images, fixed noise and timesteps |" in card  # not held-out data
+    # The card's snippet, run as written from the folder holding it, rebuilds the trained transformer.
+    pipe = run_card_snippet(out, monkeypatch)["pipe"]
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**x).sample, expected, rtol=0, atol=1e-6)
 
 
-def test_method_lora_saves_what_stock_diffusers_loads(pipeline_dir, instance_dir, tmp_path):
+def test_method_lora_saves_what_stock_diffusers_loads(pipeline_dir, instance_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     task = run(pipeline_dir, instance_dir, out, "--method", "lora", "--max-train-steps", "2",
                "--train-batch-size", "1", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-2",
@@ -210,6 +217,11 @@ def test_method_lora_saves_what_stock_diffusers_loads(pipeline_dir, instance_dir
     x = transformer_inputs(pipe.transformer)
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**x).sample, task.model.eval()(**x).sample, rtol=0, atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert "| method | LoRA (PEFT) (streams: image) |" in card
+    from_card = run_card_snippet(out, monkeypatch)["pipe"]  # the card's snippet runs as written from its folder
+    with torch.no_grad():
+        torch.testing.assert_close(from_card.transformer(**x).sample, pipe.transformer(**x).sample, rtol=0, atol=0)
 
 
 def test_resumed_run_with_gradient_checkpointing_equals_uninterrupted_run(pipeline_dir, instance_dir, tmp_path):
