@@ -54,9 +54,11 @@ class ClassifierOptions:
 def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | None, model_kwargs: dict[str, Any],
                       **kwargs: Any) -> nn.Module:
     """`timm.create_model(model, ...)`, local base weights (`--pretrained-file`) through timm's
-    `pretrained_cfg_overlay`. Weights that do not fit the architecture give one ValueError naming the file, the
-    first mismatch and what to do, instead of torch's list of every key."""
+    `pretrained_cfg_overlay`. Base weights that cannot be had give one ValueError saying what to do instead of a
+    traceback: weights that do not fit the architecture (the first mismatch, not torch's list of every key), an
+    unreadable file, or timm's weights that cannot be downloaded (offline)."""
     import timm
+    from safetensors import SafetensorError
 
     kwargs = dict(model_kwargs, **kwargs)
     if pretrained_file is not None:
@@ -64,9 +66,19 @@ def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | No
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     try:
         return timm.create_model(model, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
-        if pretrained_file is None or "state_dict" not in str(err):
+    except OSError as err:
+        if not pretrained or pretrained_file is not None:
             raise
+        raise ValueError(f"--pretrained: timm's weights of {model!r} could not be downloaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}); connect to the Hugging Face Hub, or have them in the cache "
+                         "(HF_HUB_OFFLINE=1), or pass local weights with --pretrained-file PATH") from err
+    except (RuntimeError, SafetensorError) as err:
+        if pretrained_file is None:
+            raise
+        if "state_dict" not in str(err):
+            raise ValueError(f"--pretrained-file {str(pretrained_file)!r} is not readable as weights "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); pass a .safetensors (or "
+                             f"weights-only .pth) state dict of {model!r}") from err
         problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
         first = problems[0] if problems else str(err)
         raise ValueError(f"--pretrained-file {str(pretrained_file)!r} does not fit --model {model!r} with --model-kwargs "

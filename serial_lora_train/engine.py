@@ -151,6 +151,8 @@ class TrainingArguments:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
             raise ValueError(f"lora_plus_ratio must be positive (the paper uses 20), got {self.lora_plus_ratio}")
+        if self.alpha is not None and not self.alpha > 0:  # scaling alpha/rank = 0 would leave nothing to train
+            raise ValueError(f"alpha must be positive (scaling = alpha/rank; default alpha = rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         from .methods import METHODS  # noqa: PLC0415  (methods imports this module's neighbours only)

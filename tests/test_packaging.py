@@ -46,7 +46,8 @@ def test_wheel_holds_every_package_module_and_package_data(wheel):
                 and (p.suffix == ".py" or p.name in package_data_files(name))}
     assert expected, "no packages found"
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
-    assert {"serial_lora_core", "timm_plugin", "diffusers_loader", "comfyui_nodes"} <= set(packages())
+    assert {"serial_lora_core", "timm_plugin", "diffusers_loader", "comfyui_nodes", "transformers_plugin",
+            "serial_lora_train"} <= set(packages())
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/", "third_party/"))]
 
 

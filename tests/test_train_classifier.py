@@ -145,6 +145,11 @@ def _val_with_other_classes(train: Path, val: Path) -> tuple[Path, Path, list[st
     return train, val, []
 
 
+def _corrupt_base(train: Path, val: Path) -> tuple[Path, Path, list[str]]:
+    (train.parent / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    return train, val, ["--pretrained-file", str(train.parent / "corrupt.safetensors")]
+
+
 def _with(*extra: str):
     return lambda train, val: (train, val, list(extra))
 
@@ -159,6 +164,8 @@ BAD_INPUTS = {
     "too few images for shots": (_with("--shots", "7"), "--shots 7: class 'blue' has only 6 image"),
     "not a plugin architecture": (_with("--model", "resnet18"), "not an architecture of the timm plugin"),
     "bad learning rate": (_with("--learning-rate", "0"), "learning_rate must be positive"),
+    "unreadable base weights": (_corrupt_base, r"--pretrained-file '.*corrupt.safetensors' is not readable as "
+                                               r"weights \(SafetensorError: .*\); pass a .safetensors"),
     "base weights of another shape": (_with("--model-kwargs", json.dumps({**TINY, "embed_dim": 48})),
                                       r"--pretrained-file '.*base.safetensors' does not fit --model .*pass the "
                                       r"architecture and the --model-kwargs"),
@@ -176,6 +183,22 @@ def test_bad_input_is_refused_before_training(case, image_folders, base_file, tm
     assert err.startswith("serial-lora: error: ")
     assert re.search(message, err), err
     assert not out.exists()  # nothing was written
+
+
+def test_timms_weights_that_cannot_be_downloaded_give_one_line_saying_what_to_do(image_folders, tmp_path, capsys,
+                                                                                monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+
+    monkeypatch.setattr(timm, "create_model", offline)  # as timm fails with --pretrained and no network
+    train_dir, _ = image_folders
+    args = ["train-classifier", "--model", ARCH, "--pretrained", "--train-dir", str(train_dir),
+            "--output-dir", str(tmp_path / "out"), *FAST]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"serial-lora: error: --pretrained: timm's weights of '{ARCH}' could not be downloaded "
+                          "(OSError: We couldn't connect") and "--pretrained-file PATH" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_skip_bad_images_trains_and_counts_them(image_folders, base_file, tmp_path, capsys):

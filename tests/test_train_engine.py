@@ -141,6 +141,24 @@ def test_resume_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
         train(TinyTask(), args_for(tmp_path / "run", resume_from_checkpoint=str(tmp_path)))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", 0, "rank must be a positive integer, got 0"),
+    ("train_batch_size", 0, "train_batch_size must be a positive integer"),
+    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps must be a positive integer"),
+    ("max_train_steps", -1, "max_train_steps must be a positive integer, got -1"),
+    ("checkpointing_steps", -2, "checkpointing_steps must be an integer >= 0, got -2"),
+    ("checkpoints_total_limit", 0, "checkpoints_total_limit must be >= 1"),
+    ("learning_rate", 0.0, "learning_rate must be positive"),
+    ("lora_plus_ratio", 0.0, "lora_plus_ratio must be positive"),
+    ("alpha", 0.0, r"alpha must be positive \(scaling = alpha/rank"),   # would train nothing
+    ("alpha", -4.0, "alpha must be positive"),
+])
+def test_bad_training_arguments_are_refused_naming_the_argument(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        args_for(tmp_path / "run", **{field: value})
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_says_which_checkpoint_it_continues_or_that_there_was_none(tmp_path, capsys):
     out = tmp_path / "run"
     train(TinyTask(), args_for(out, max_train_steps=2, resume_from_checkpoint="latest"))  # as diffusers: starts fresh
