@@ -23,6 +23,8 @@ No pretrained weights or datasets are reachable offline, so this is the smallest
     python -m experiments.pretrain_proxy --out experiments/results/proxy_backbone
     python -m experiments.proxy --backbone experiments/results/proxy_backbone/backbone.safetensors \\
         --out experiments/results --workers 12
+    python -m experiments.proxy ... --resume                   # keep OUT's runs, add what is missing or wider
+    python -m experiments.proxy --from-records OUT/proxy_records.jsonl --out OUT   # tables of an interrupted search
     python -m experiments.proxy --smoke --out /tmp/proxy        # CPU, seconds: tests the pipeline only
 """
 
