@@ -424,6 +424,14 @@ def _ratio_text(value: float | None) -> str:
     return "" if value is None else f", ratio {value:g}"
 
 
+def _widenings(record: dict[str, Any]) -> str:
+    """How many grid-widening rounds ran (the first round is the initial grid), as the record knows it."""
+    rounds = record.get("rounds_run")
+    if rounds is None:
+        return "an unknown number of widening rounds"
+    return f"{max(rounds - 1, 0)} widening round(s) run, {record['max_rounds']} allowed"
+
+
 def markdown(summary: dict[str, Any], record: dict[str, Any]) -> str:
     rows, paired = summary["rows"], summary["paired"]
     out = [smoke_banner(record["smoke"]),
@@ -443,10 +451,11 @@ def markdown(summary: dict[str, Any], record: dict[str, Any]) -> str:
             body.append([r["shots"], r["method"], f"{r['adapter_parameters']:,}", f"{r['trainable_parameters']:,}",
                          fmt(list(r["default_test"].values())) if r["default_test"] else "-",
                          fmt(list(r["tuned_test"].values())),
-                         f"{r['tuned_lr']:.2g}{_ratio_text(r['tuned_ratio'])}{edge}", r["configs_searched"]])
+                         f"{r['tuned_lr']:.2g}{_ratio_text(r['tuned_ratio'])}{edge}", r["configs_searched"],
+                         len(r["tuned_test"])])
         out += [f"## {task}\n\n", markdown_table(
             ["shots", "method", "adapter params", "trainable params (incl. head)", "test top-1 @ paper defaults",
-             "test top-1 @ tuned", "tuned lr", "configs searched"], body), "\n"]
+             "test top-1 @ tuned", "tuned lr", "configs searched", "seeds"], body), "\n"]
     body = [[p["task"], p["shots"], p["pair"], p["setting"], f"{p['mean'] * 100:+.1f}", f"{p['std'] * 100:.1f}",
              f"±{p['ci95'] * 100:.1f}", f"{p['wins']}/{p['losses']}/{p['seeds']}"] for p in paired]
     out += ["## Paired differences (same shots, head init and batch order per seed)\n\n",
@@ -461,8 +470,8 @@ def markdown(summary: dict[str, Any], record: dict[str, Any]) -> str:
     edges = [k for k, v in rows.items() if v["edge"]]
     untuned = [k for k, v in rows.items() if len(v["searched_lr"]) < 2]
     out.append("Grid edges: " + ("no method's best value sits at the edge of its searched grid" if not edges else
-               f"best value still at the edge of the searched grid (after {record['max_rounds']} widening "
-               f"round(s)) for: {', '.join(edges)}") + ".\n")
+               f"best value still at the edge of the searched grid (after {_widenings(record)}) for: "
+               f"{', '.join(edges)}") + ".\n")
     if untuned:
         out.append(f"Not tuned (a single learning rate searched): {', '.join(untuned)}.\n")
     return "".join(out)
