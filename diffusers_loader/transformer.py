@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 
-import torch
 from torch import nn
 
 from serial_lora_core import (
@@ -33,6 +32,7 @@ from serial_lora_core import (
     set_serial_lora_scales,
     unmerge_serial_lora,
 )
+from serial_lora_core.config import FLOAT32_MAX
 
 from .fetch import resolve_adapter_file
 
@@ -172,11 +172,10 @@ def _scales(names: list[str], weights: float | list[float] | None) -> list[float
     if len(weights) != len(names):
         raise SerialLoraError(f"got {len(names)} adapter names and {len(weights)} adapter_weights; pass one scale per "
                               "adapter")
-    largest = torch.finfo(torch.float32).max  # the adapters compute in float32 or narrower
     for name, weight in zip(names, weights):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"the scale of adapter {name!r} must be a number, got {type(weight).__name__} ({weight!r})")
-        if not math.isfinite(weight) or abs(weight) > largest:
+        if not math.isfinite(weight) or abs(weight) > FLOAT32_MAX:  # the adapters compute in float32 or narrower
             raise ValueError(f"the scale of adapter {name!r} is {weight!r}; pass a finite number (e.g. 0.0 to 1.0)")
     return [float(w) for w in weights]
 

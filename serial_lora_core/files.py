@@ -133,7 +133,8 @@ def save_serial_lora(
     config = adapter_config(model, adapter_name)
     streams: dict[str, list[str]] = {}
     hosts = set()
-    for attention, module in _adapted(model, adapter_name):
+    adapted = _adapted(model, adapter_name)
+    for attention, module in adapted:
         hosts.add(module.host.name)
         for stream in module[adapter_name]:
             projections = list(module.stream_specs[stream].projections)
@@ -153,7 +154,7 @@ def save_serial_lora(
         base_model=base_model,
         dtype=dtype_name(next(iter(tensors.values())).dtype),
         # (at least the adapted ones, whatever a host's projections are)
-        model_attention_modules=max(count_attention_modules(model, streams)[0], len(_adapted(model, adapter_name))),
+        model_attention_modules=max(count_attention_modules(model, streams)[0], len(adapted)),
         modules_to_save=tuple(modules_to_save),
         extra=metadata,
     )

@@ -60,11 +60,15 @@ class AttentionHost:
     class_names: tuple[str, ...] = ()
     condition: Callable[[nn.Module], bool] | None = field(default=None, compare=False)
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether `module` passes this host's class-name and condition tests (its projections aside)."""
+        if self.class_names and type(module).__name__ not in self.class_names:
+            return False
+        return self.condition is None or bool(self.condition(module))
+
     def streams_of(self, module: nn.Module) -> dict[str, StreamSpec]:
         """The streams this host recognises on `module` (empty if the module is not such an attention)."""
-        if self.class_names and type(module).__name__ not in self.class_names:
-            return {}
-        if self.condition is not None and not self.condition(module):
+        if not self.accepts(module):
             return {}
         found = {}
         for stream, spec in self.streams.items():

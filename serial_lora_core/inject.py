@@ -68,9 +68,7 @@ def find_wrapped_projections(model: nn.Module) -> list[str]:
     found = []
     for name, module in model.named_modules():
         for host in registered_hosts():
-            if host.class_names and type(module).__name__ not in host.class_names:
-                continue
-            if host.condition is not None and not host.condition(module):
+            if not host.accepts(module):
                 continue
             for spec in host.streams.values():
                 layers = {path: get_submodule(module, path) for path in spec.projections}
