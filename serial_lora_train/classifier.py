@@ -27,10 +27,10 @@ from torch import nn
 
 from serial_lora_core import ARCHITECTURE_ATTRIBUTE, save_serial_lora
 
-from .data import few_shot_indices, image_folder_dataset, scan_image_folder
-from .engine import Task, TaskSetup, TrainingArguments
+from .data import few_shot_indices, image_folder_dataset, scan_train_val
+from .engine import Task, TaskSetup, TrainingArguments, classification_scores
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage, save_peft
 
 ADAPTER_FILE = "serial_lora.safetensors"
 
@@ -115,16 +115,9 @@ class ClassifierTask(Task):
             raise ValueError(f"--pretrained-file {options.pretrained_file!r} does not exist")
         self.options = options
         # Checked here, before any model or training is set up.
-        self.train_scan = scan_image_folder(options.train_dir, "--train-dir", skip_bad_images=options.skip_bad_images)
-        self.val_scan = None
-        if options.val_dir is not None:
-            self.val_scan = scan_image_folder(options.val_dir, "--val-dir", skip_bad_images=options.skip_bad_images)
-            if self.val_scan.classes != self.train_scan.classes:
-                raise ValueError(f"--val-dir classes {self.val_scan.classes} differ from --train-dir classes "
-                                 f"{self.train_scan.classes}; both need the same class sub-folders")
-        self.indices = None
-        if options.shots is not None:  # refuse a class smaller than --shots now; build() draws with the run's seed
-            self.indices = few_shot_indices(self.train_scan.targets, options.shots, seed=0, class_names=self.train_scan.classes)
+        self.train_scan, self.val_scan = scan_train_val(options.train_dir, options.val_dir, shots=options.shots,
+                                                        skip_bad_images=options.skip_bad_images)
+        self.indices: list[int] | None = None  # the shots build() draws with the run's seed
         self.info: MethodInfo | None = None
         self.classifier_names: tuple[str, ...] = ()
         self.val_set = None
@@ -158,6 +151,7 @@ class ClassifierTask(Task):
 
     def build(self, args: TrainingArguments, accelerator: Any) -> TaskSetup:
         from timm_plugin import unsupported_attention
+        from timm_plugin.factory import classifier_names
 
         self.args = args
         if self.options.shots is not None:  # the draw follows the run's seed
@@ -167,8 +161,7 @@ class ClassifierTask(Task):
         problems = unsupported_attention(model)
         if problems:
             raise ValueError(f"--model {self.options.model!r}: {'; '.join(problems[:3])}")
-        heads = model.pretrained_cfg.get("classifier") or "head"
-        self.classifier_names = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+        self.classifier_names = classifier_names(model)
         config = self.data_config(model)
         self.normalize = Normalize(config["mean"], config["std"])
         train_tf, eval_tf = self.transform(config, True), self.transform(config, False)
@@ -190,20 +183,12 @@ class ClassifierTask(Task):
             return {}
         loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.options.eval_batch_size, shuffle=False,
                                              num_workers=self.args.dataloader_num_workers if self.args else 0)
-        total, correct, loss = 0, 0, 0.0
-        for images, labels in loader:
-            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
-            logits = model(self.normalize(images)).float()
-            loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            total += len(labels)
-        return {"val_loss": loss / total, "top1": correct / total}
+        top1, val_loss = classification_scores(loader, lambda images: model(self.normalize(images)), accelerator.device)
+        return {"val_loss": val_loss, "top1": top1}
 
     def save(self, model: nn.Module, output_dir: Path) -> Path:
         if self.info.method == "lora":
-            path = output_dir / PEFT_DIR
-            model.save_pretrained(str(path))
-            return path
+            return save_peft(model, output_dir)
         return save_serial_lora(model, output_dir / ADAPTER_FILE, architecture=self.options.model,
                                 base_model=self._base_name(), modules_to_save=self.classifier_names)
 

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageFolderScan, few_shot_indices, image_folder_dataset, scan_image_folder
-from .engine import Task, TaskSetup, TrainingArguments
+from .data import few_shot_indices, image_folder_dataset, scan_train_val
+from .engine import Task, TaskSetup, TrainingArguments, classification_scores
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage, save_peft
 
 ADAPTER_FILE = "serial_lora.safetensors"
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -137,15 +137,8 @@ class ClipTask(Task):
     def __init__(self, options: ClipOptions) -> None:
         self.options = options
         # Checked here, before any model is loaded.
-        self.train_scan = scan_image_folder(options.train_dir, "--train-dir", skip_bad_images=options.skip_bad_images)
-        self.val_scan: ImageFolderScan | None = None
-        if options.val_dir is not None:
-            self.val_scan = scan_image_folder(options.val_dir, "--val-dir", skip_bad_images=options.skip_bad_images)
-            if self.val_scan.classes != self.train_scan.classes:
-                raise ValueError(f"--val-dir classes {self.val_scan.classes} differ from --train-dir classes "
-                                 f"{self.train_scan.classes}; both need the same class sub-folders")
-        if options.shots is not None:  # refuse a class smaller than --shots now; build() draws with the run's seed
-            few_shot_indices(self.train_scan.targets, options.shots, seed=0, class_names=self.train_scan.classes)
+        self.train_scan, self.val_scan = scan_train_val(options.train_dir, options.val_dir, shots=options.shots,
+                                                        skip_bad_images=options.skip_bad_images)
         self.prompts = class_prompts(self.train_scan.classes, options.template)
         self.library = "open_clip" if options.model.startswith(OPEN_CLIP_PREFIX) else "transformers"
         self.info: MethodInfo | None = None
@@ -200,14 +193,9 @@ class ClipTask(Task):
         """top-1 accuracy and mean cross-entropy of the prompt classifier on the held-out split."""
         loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.options.eval_batch_size, shuffle=False)
         prompts = self._prompts_on(device)
-        total, correct, loss = 0, 0, 0.0
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = clip_logits(model, images, prompts, self.library).float()
-            loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            total += len(labels)
-        return {"top1": correct / total, "val_loss": loss / total}
+        top1, val_loss = classification_scores(loader, lambda images: clip_logits(model, images, prompts, self.library),
+                                               device)
+        return {"top1": top1, "val_loss": val_loss}
 
     def evaluate(self, model: nn.Module, accelerator: Any) -> dict[str, float]:
         """top1 / val_loss of the adapted model, next to zero_shot_top1 / zero_shot_val_loss (before training)."""
@@ -217,9 +205,7 @@ class ClipTask(Task):
 
     def save(self, model: nn.Module, output_dir: Path) -> Path:
         if self.info.method == "lora":
-            path = output_dir / PEFT_DIR
-            model.save_pretrained(str(path))
-            return path
+            return save_peft(model, output_dir)
         import transformers_plugin as tp
 
         metadata = {"class_names": json.dumps(self.train_scan.classes), "prompt_template": self.options.template}

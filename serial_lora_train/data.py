@@ -6,6 +6,7 @@
   do not depend on the number of DataLoader workers nor on where a run was resumed.
 - `scan_image_folder`: checks a class-per-sub-folder image folder before any training (missing or
   empty folder, class without images, unreadable images listed; `skip_bad_images` skips them).
+- `scan_train_val`: a task's training and validation folders scanned and checked against each other.
 - `image_folder_dataset`: torchvision's ImageFolder over a scan's checked samples.
 - `few_shot_indices`: N samples per class, reproducibly from a seed (the paper's N-shot tables).
 """
@@ -200,6 +201,22 @@ def scan_image_folder(root: str | Path, argument: str = "train_dir", *, skip_bad
     if lost:
         raise ValueError(f"{argument}={str(root)!r}: class folder(s) {lost} hold only unreadable images")
     return ImageFolderScan(root, classes, samples, skipped)
+
+
+def scan_train_val(train_dir: str | Path, val_dir: str | Path | None, *, skip_bad_images: bool = False,
+                   shots: int | None = None) -> tuple[ImageFolderScan, ImageFolderScan | None]:
+    """`--train-dir` and `--val-dir` (if given) scanned, with the same classes, and `--shots` checked against the
+    class sizes: all before any model is loaded (the run draws its shots later, with its own seed)."""
+    train_scan = scan_image_folder(train_dir, "--train-dir", skip_bad_images=skip_bad_images)
+    val_scan = None
+    if val_dir is not None:
+        val_scan = scan_image_folder(val_dir, "--val-dir", skip_bad_images=skip_bad_images)
+        if val_scan.classes != train_scan.classes:
+            raise ValueError(f"--val-dir classes {val_scan.classes} differ from --train-dir classes "
+                             f"{train_scan.classes}; both need the same class sub-folders")
+    if shots is not None:
+        few_shot_indices(train_scan.targets, shots, seed=0, class_names=train_scan.classes)
+    return train_scan, val_scan
 
 
 def image_folder_dataset(scan: ImageFolderScan, transform: Any) -> Any:

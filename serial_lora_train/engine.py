@@ -279,6 +279,20 @@ class TrainResult:
     """The trained model (unwrapped from DDP), e.g. to compare its outputs with the saved file's."""
 
 
+def classification_scores(loader: Any, logits_of: Callable[[torch.Tensor], torch.Tensor],
+                          device: torch.device) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of `logits_of(images)` over the (images, labels) batches of
+    `loader`: the evaluation of the classification tasks (classifier, CLIP)."""
+    total, correct, loss = 0, 0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = logits_of(images).float()
+        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += len(labels)
+    return correct / total, loss / total
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Files
 
@@ -846,6 +860,7 @@ __all__ = [
     "TrainingArguments",
     "add_training_arguments",
     "check_output_dir",
+    "classification_scores",
     "default_mixed_precision",
     "list_checkpoints",
     "load_checkpoint",

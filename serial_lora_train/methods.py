@@ -17,6 +17,7 @@ projection), so summaries can state them side by side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
@@ -71,6 +72,13 @@ class MethodInfo:
                 "lora_parameters_note": self.note}
 
 
+def save_peft(model: nn.Module, output_dir: Path) -> Path:
+    """Write a `--method lora` model with PEFT's `save_pretrained` into `output_dir/PEFT_DIR`; return that folder."""
+    path = output_dir / PEFT_DIR
+    model.save_pretrained(str(path))
+    return path
+
+
 def peft_usage(imports: Sequence[str], base: str, folder: str) -> list[str]:
     """A model card's code block that rebuilds a `--method lora` model: the base expression `base` (after
     `imports`) with PEFT's saved folder `folder` (the trained head, if any, is in it as `modules_to_save`)."""
@@ -91,14 +99,18 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _survey(model: nn.Module, config: SerialLoraConfig) -> tuple[int, list[str], bool]:
-    """(Serial count, LoRA target names, fused?) of `model` before any adapter is added."""
+    """(Serial count, LoRA target names, fused?) of `model` before any adapter is added. Refuses a rank larger
+    than the width of an adapted stream (a low-rank adapter must be low-rank)."""
     found = find_attention_modules(model, config)
     serial, targets, fused = 0, [], False
     for name, (attention, _, streams) in found.items():
         prefix = f"{name}." if name else ""
         for stream, spec in streams.items():
-            first = _get(attention, spec.projections[0])
-            serial += 2 * config.rank * first.in_features
+            width = _get(attention, spec.projections[0]).in_features
+            if config.rank > width:
+                raise ValueError(f"rank {config.rank} is larger than the width {width} of stream {stream!r} of "
+                                 f"{name or type(model).__name__!r}; use --rank {width} or less")
+            serial += 2 * config.rank * width
             fused = fused or len(spec.projections) == 1
             targets += [prefix + p for p in (*spec.projections, *_output_projections(attention, stream))]
     return serial, targets, fused
@@ -128,7 +140,6 @@ def apply_method(
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     config = SerialLoraConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, streams=streams)
-    check_rank(model, config)
     serial_count, targets, fused = _survey(model, config)
     lora_count = _lora_count(model, targets, rank)
     if method == "serial":
@@ -144,16 +155,6 @@ def apply_method(
         model = get_peft_model(model, lora)
         ran = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return model, MethodInfo(method, ran, serial_count, lora_count, fused, tuple(targets))
-
-
-def check_rank(model: nn.Module, config: SerialLoraConfig) -> None:
-    """Refuse a rank larger than the width of an adapted stream (a low-rank adapter must be low-rank)."""
-    for name, (attention, _, streams) in find_attention_modules(model, config).items():
-        for stream, spec in streams.items():
-            width = _get(attention, spec.projections[0]).in_features
-            if config.rank > width:
-                raise ValueError(f"rank {config.rank} is larger than the width {width} of stream {stream!r} of "
-                                 f"{name or type(model).__name__!r}; use --rank {width} or less")
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from torch import nn
 from .data import IMAGE_EXTENSIONS, mix_seed
 from .engine import Task, TaskSetup, TrainingArguments
 from .entry import add_data_arguments, task_entry, task_parser
-from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage
+from .methods import PEFT_DIR, MethodInfo, apply_method, peft_usage, save_peft
 
 ADAPTER_FILE = "serial_lora.safetensors"
 IMAGES, MASKS = "images", "masks"
@@ -278,9 +278,7 @@ class SamTask(Task):
 
     def save(self, model: nn.Module, output_dir: Path) -> Path:
         if self.info.method == "lora":
-            path = output_dir / PEFT_DIR
-            model.save_pretrained(str(path))
-            return path
+            return save_peft(model, output_dir)
         import transformers_plugin as tp
 
         return tp.save_serial_lora(model, output_dir / ADAPTER_FILE, base_model=self.options.model)

@@ -12,6 +12,7 @@ from torch import nn
 
 from serial_lora_core import (
     ARCHITECTURE_ATTRIBUTE,
+    AdapterFile,
     SerialLoraConfig,
     SerialLoraError,
     inject_serial_lora,
@@ -73,9 +74,8 @@ class SerialLoraOptions:
             target_modules=self.target_modules,
         )
 
-    def check_against_file(self, path: str | os.PathLike) -> None:
+    def check_against_file(self, adapter: AdapterFile) -> None:
         """Refuse explicit hyper-parameters that contradict the adapter file's metadata."""
-        adapter = read_file(path)
         stored = {
             "rank": adapter.rank,
             "alpha": adapter.alpha,
@@ -85,7 +85,7 @@ class SerialLoraOptions:
         for name, value in stored.items():
             given = getattr(self, name)
             if given is not None and not (given == value or (isinstance(value, float) and math.isclose(given, value))):
-                raise ValueError(f"{PREFIX}{name}={given!r} contradicts {path}, which was trained with "
+                raise ValueError(f"{PREFIX}{name}={given!r} contradicts {adapter.path}, which was trained with "
                                  f"{name}={value!r}; leave {PREFIX}{name} out when passing {PREFIX}weights")
 
 
@@ -118,28 +118,29 @@ def make_serial_lora(model: nn.Module, architecture: str, options: SerialLoraOpt
     if options.weights is None:
         inject_serial_lora(model, options.config(), freeze=True)
     else:
-        options.check_against_file(options.weights)
-        _fit_classifier_to_file(model, options.weights)
+        adapter = read_file(options.weights)  # read once for both checks; load_serial_lora reads it itself
+        options.check_against_file(adapter)
+        _fit_classifier_to_file(model, adapter)
         model.requires_grad_(False)
         load_serial_lora(model, options.weights, architecture=architecture, trainable=True)
     _unfreeze_new_classifier(model)
     return model
 
 
-def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier head module name(s) timm records for `model` (a distilled DeiT has two)."""
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     return tuple(names) if isinstance(names, (tuple, list)) else (names,)
 
 
-def _fit_classifier_to_file(model: nn.Module, path: str | os.PathLike) -> None:
+def _fit_classifier_to_file(model: nn.Module, adapter: AdapterFile) -> None:
     """Give the model the class count of the trained head the file carries (format v2 `modules_to_save`).
 
     The file is read before anything is loaded, so the trained head's tensors fit: a model built with the
     pretrained head (num_classes left out) gets a head of the file's size. An explicit num_classes that
     differs from the file's is refused.
     """
-    saved = read_file(path).modules_to_save
-    weight = saved.get(f"{_classifier_names(model)[0]}.weight")
+    weight = adapter.modules_to_save.get(f"{classifier_names(model)[0]}.weight")
     if weight is None or not hasattr(model, "reset_classifier"):
         return
     file_classes = int(weight.shape[0])
@@ -147,7 +148,7 @@ def _fit_classifier_to_file(model: nn.Module, path: str | os.PathLike) -> None:
     if classes == file_classes:
         return
     if classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes"):
-        raise ValueError(f"num_classes={classes} contradicts {path}, whose trained classifier has {file_classes} "
+        raise ValueError(f"num_classes={classes} contradicts {adapter.path}, whose trained classifier has {file_classes} "
                          "classes; leave num_classes out to rebuild the trained classifier")
     model.reset_classifier(file_classes)
 
