@@ -27,6 +27,11 @@ def write_results(out_dir: str | os.PathLike, name: str, record: dict[str, Any],
     return json_path, md_path
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def environment() -> dict[str, Any]:
     """Device and software versions, for the record of every run."""
     import importlib.metadata as md

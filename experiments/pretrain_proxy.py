@@ -80,13 +80,14 @@ def build_backbone(num_classes: int, smoke: bool = False, file: str | None = Non
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
+    """Top-1 of `model` on uint8 `images` (on any device: batches move to the model's), bf16 on GPU."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(images), batch):
         x = to_input(images[i:i + batch].to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            correct += int((model(x).argmax(-1).cpu() == labels[i:i + batch]).sum())
+            correct += int((model(x).argmax(-1) == labels[i:i + batch].to(device)).sum())
     return correct / len(images)
 
 

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.common import environment, fmt, markdown_table, smoke_banner, write_results
-from experiments.pretrain_proxy import augment, build_backbone, to_input
+from experiments.common import environment, fmt, markdown_table, mean_std, read_jsonl, smoke_banner, write_results
+from experiments.pretrain_proxy import accuracy, augment, build_backbone, to_input
 from experiments.procedural import digits_dataset, shapes_dataset
 
 PAPER_LR, PAPER_RATIO, PAPER_RANK, PAPER_DROPOUT, PAPER_EPOCHS = 2e-4, 20.0, 32, 0.25, 50
@@ -165,6 +165,7 @@ def _split(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_model(job: Job) -> tuple[nn.Module, dict[str, Any]]:
     """The pristine backbone, a head initialised from the seed alone (equal across methods), the method."""
+    from serial_lora_core import count_trainable_parameters
     from serial_lora_train.methods import apply_method
 
     spec = METHODS[job.method]
@@ -185,7 +186,7 @@ def build_model(job: Job) -> tuple[nn.Module, dict[str, Any]]:
         model.requires_grad_(spec.kind == "full")
         head.requires_grad_(True)
         info = {"rank": None, "adapter_parameters": 0}
-    info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["trainable_parameters"] = count_trainable_parameters(model)
     return model, info
 
 
@@ -231,16 +232,6 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return loss.detach()
 
 
-@torch.no_grad()
-def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), 1024):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            correct += int((model(to_input(x[i:i + 1024])).argmax(-1) == y[i:i + 1024]).sum())
-    return correct / len(x)
-
-
 def train_job(job: Job) -> tuple[nn.Module, dict[str, Any]]:
     """Train one configuration; returns the model and its record (validation and test accuracy)."""
     data = _WORKER["data"][job.task]
@@ -255,8 +246,8 @@ def train_job(job: Job) -> tuple[nn.Module, dict[str, Any]]:
     record = {
         **asdict(job), "lr": job.lr, "ratio": job.ratio, **info, "steps": steps, "batch": batch,
         "train_loss": loss if math.isfinite(loss) else None,  # None: diverged (kept: a bad configuration)
-        "val_top1": top1(model, data["pool_x"][val_idx], data["pool_y"][val_idx]),
-        "test_top1": top1(model, data["test_x"], data["test_y"]),
+        "val_top1": accuracy(model, data["pool_x"][val_idx], data["pool_y"][val_idx]),
+        "test_top1": accuracy(model, data["test_x"], data["test_y"]),
         "seconds": time.perf_counter() - start,
     }
     return model, record
@@ -412,9 +403,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 diffs = [ra[setting][s] - rb[setting][s] for s in seeds]
                 if not diffs:
                     continue
+                mean, std = mean_std(diffs)
                 paired.append({"task": task, "shots": n, "pair": f"{a} - {b}", "setting": setting.split("_")[0],
-                               "per_seed": dict(zip(seeds, diffs)), "mean": statistics.fmean(diffs),
-                               "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                               "per_seed": dict(zip(seeds, diffs)), "mean": mean, "std": std,
                                "ci95": t_interval(diffs), "wins": sum(d > 0 for d in diffs),
                                "losses": sum(d < 0 for d in diffs), "seeds": len(diffs)})
     return {"rows": rows, "paired": paired}
@@ -522,7 +513,7 @@ def save_spectrum_adapters(folder: str, task: str, shots: int) -> dict[str, Any]
 
 def rebuild(records_path: str, out: str) -> dict[str, Any]:
     """Tables from the records an interrupted search wrote (marked incomplete; no step times)."""
-    records = [json.loads(line) for line in Path(records_path).read_text().splitlines() if line.strip()]
+    records = read_jsonl(records_path)
     if not records:
         raise ValueError(f"{records_path} holds no run records; run the search first")
     summary = summarize(records)
@@ -530,11 +521,10 @@ def rebuild(records_path: str, out: str) -> dict[str, Any]:
         "experiment": "offline proxy (experiments/proxy.py), rebuilt from an interrupted search's records",
         "smoke": False, "tasks": sorted({r["task"] for r in records}), "shots": sorted({r["shots"] for r in records}),
         "seeds": sorted({r["seed"] for r in records}), "methods": [m for m in METHODS if any(r["method"] == m for r in records)],
-        "epochs": None, "rank": max(r["rank"] or 0 for r in records), "max_rounds": None, "runs": len(records),
+        "epochs": PAPER_EPOCHS, "rank": max(r["rank"] or 0 for r in records), "max_rounds": None, "runs": len(records),
         "runs_planned": None, "complete": False, "step_times": {}, "environment": environment(), **summary,
         "records": records,
     }
-    record["epochs"] = PAPER_EPOCHS
     write_results(out, "proxy", record, markdown(summary, record))
     return record
 
@@ -583,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = out / "proxy_records.jsonl"
     records: list[dict[str, Any]] = []
     if args.resume and log.is_file():  # keep the runs of an earlier (interrupted or narrower) search
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = read_jsonl(log)
     else:
         log.unlink(missing_ok=True)
     jobs = [j for j in grid_jobs(args.tasks, args.shots, seeds, args.methods, args.lr_half_width,
@@ -620,8 +610,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "spectrum_adapters": spectrum, "environment": environment(), **summary, "records": records,
     }
     record["wall_seconds"] = time.perf_counter() - start
-    write_results(args.out, "proxy", record, markdown(summary, record))
-    print(markdown(summary, record))
+    table = markdown(summary, record)
+    write_results(args.out, "proxy", record, table)
+    print(table)
     return record
 
 

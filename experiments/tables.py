@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,14 @@ SMOKE_ARGS = ["--max-train-steps", "2", "--train-batch-size", "4", "--rank", "4"
 def train(command: str, argv: list[str], output_dir: Path) -> dict[str, Any]:
     """Run `serial-lora <command> ... --output-dir output_dir` in this process (exactly the CLI a user runs);
     return its final evaluation metrics (metrics.jsonl), its adapter parameter count and its wall time."""
+    from experiments.common import read_jsonl
     from serial_lora_core.cli import main
 
     start = time.perf_counter()
     code = main([command, *argv, "--output-dir", str(output_dir)])
     if code:
         raise RuntimeError(f"serial-lora {command} {' '.join(argv)} exited with status {code}; see its message above")
-    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = read_jsonl(output_dir / "metrics.jsonl")
     evaluations = [r for r in lines if "loss" not in r]
     return {"metrics": evaluations[-1] if evaluations else {}, "train_loss": next((r["loss"] for r in reversed(lines) if "loss" in r), None),
             "adapter_parameters": adapter_parameters(output_dir), "seconds": time.perf_counter() - start}
