@@ -185,6 +185,23 @@ def test_proxy_smoke_end_to_end_with_spectrum(smoke_backbone, tmp_path):
     assert all(Path(r["png"]).stat().st_size > 1000 for r in result.values())
 
 
+
+def test_run_proxy_script_smoke_end_to_end(tmp_path):
+    """The shell script EXPERIMENTS.md records, with SMOKE=1: pre-training, search and figure in one go."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "WORKERS": "0", "SMOKE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(Path(proxy.__file__).parent / "run_proxy.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "proxy.json").read_text())
+    assert saved["smoke"] and saved["complete"] and saved["time_budget"] is None  # BUDGET's default: no limit
+    assert json.loads((tmp_path / "proxy_backbone" / "pretrain.json").read_text())["smoke"]
+    for pair in ("serial_vs_lora", "serial_plus_vs_lora_plus"):
+        assert (tmp_path / "spectrum" / pair / "spectra.png").stat().st_size > 1000
+
 # LoRA's adapter parameters / Serial's on each tiny system: CLIP split q,k,v,o (4x), SAM's fused qkv + proj (3x,
 # PEFT shares A across q,k,v), SD3 (3.75x: the last joint block has no text output projection).
 TABLES = {"table2_sd3": ("fid", 3.75), "table3_clip": ("top1", 4.0), "table4_sam": ("dice", 3.0)}
