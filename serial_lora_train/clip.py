@@ -7,7 +7,8 @@ Each class name (its folder name, "_" read as a space) becomes a prompt, "a phot
 encodes the prompts through the ADAPTED text tower and the images through the ADAPTED vision tower; the logits are
 the cosine similarities times the model's own logit scale (CLIP's `logits_per_image`), and the loss is
 cross-entropy. Serial LoRA adapts every attention of both towers (one pair per layer per tower, `--towers` to
-choose); `--method lora` trains PEFT's LoRA on q, k, v and o of the same layers. The held-out split (`--val-dir`,
+choose); `--method lora` trains PEFT's LoRA on q, k, v and o of the same layers (on open_clip, PEFT's LoRA for
+`nn.MultiheadAttention`: its packed q/k/v projection and out_proj). The held-out split (`--val-dir`,
 or with `--shots` the training images not drawn) is scored zero-shot before training and few-shot after; both
 are in the summary, `metrics.jsonl` and the model card.
 
@@ -150,9 +151,6 @@ class ClipTask(Task):
     def build(self, args: TrainingArguments, accelerator: Any) -> TaskSetup:
         import transformers_plugin as tp
 
-        if args.method == "lora" and self.library == "open_clip":
-            raise ValueError("--method lora is not available for open_clip models (their attention is a packed "
-                             "nn.MultiheadAttention); use a transformers CLIP --model for the LoRA baseline")
         loaded = load_clip(self.options.model, self.options.open_clip_pretrained)
         model = loaded.model
         tp.prepare(model)
@@ -229,19 +227,24 @@ class ClipTask(Task):
         }
         if self.info.method == "serial":
             facts["usage"] = ["```python", "import transformers_plugin as tp", *self._load_lines(), "```"]
-        else:  # --method lora runs on transformers CLIP only
+        elif self.library == "transformers":
             facts["usage"] = peft_usage(["from transformers import CLIPModel"], f"CLIPModel.from_pretrained({o.model!r})",
                                         PEFT_DIR)
+        else:
+            facts["usage"] = peft_usage(["import open_clip"], self._open_clip_base(), PEFT_DIR)
         return facts
+
+    def _open_clip_base(self) -> str:
+        """The expression that builds the open_clip base model."""
+        name = self.options.model[len(OPEN_CLIP_PREFIX):]
+        return f"open_clip.create_model({name!r}, pretrained={self.options.open_clip_pretrained!r})"
 
     def _load_lines(self) -> list[str]:
         """The card's lines that rebuild the trained model (runnable as written from the card's folder)."""
         o = self.options
         if self.library == "transformers":
             return [f"model = tp.from_pretrained({o.model!r}, {ADAPTER_FILE!r})"]
-        name = o.model[len(OPEN_CLIP_PREFIX):]
-        return ["import open_clip", f"model = open_clip.create_model({name!r}, pretrained={o.open_clip_pretrained!r})",
-                f"tp.load_serial_lora(model, {ADAPTER_FILE!r})"]
+        return ["import open_clip", f"model = {self._open_clip_base()}", f"tp.load_serial_lora(model, {ADAPTER_FILE!r})"]
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options

@@ -120,6 +120,19 @@ def _lora_count(model: nn.Module, targets: Sequence[str], rank: int) -> int:
     return sum(rank * (m.in_features + m.out_features) for m in (model.get_submodule(t) for t in targets))
 
 
+def _peft_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """PEFT's `target_modules` for `targets`: an `nn.MultiheadAttention` (open_clip) is named itself, since PEFT's
+    LoRA for it adapts the packed `in_proj_weight` and `out_proj` together; every other target as it is."""
+    names: list[str] = []
+    for target in targets:
+        parent = target.rpartition(".")[0]
+        if isinstance(_get(model, parent) if parent else model, nn.MultiheadAttention):
+            target = parent
+        if target not in names:
+            names.append(target)
+    return names
+
+
 def apply_method(
     model: nn.Module,
     method: str,
@@ -150,7 +163,7 @@ def apply_method(
     else:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=dropout, target_modules=list(targets),
+        lora = LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=dropout, target_modules=_peft_targets(model, targets),
                           modules_to_save=list(trainable_modules) or None, bias="none")
         model = get_peft_model(model, lora)
         ran = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

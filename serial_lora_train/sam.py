@@ -6,11 +6,12 @@
 Data: `<dir>/images/<name>.<ext>` with a binary mask `<dir>/masks/<name>.png` of the same size (0 = background,
 255 or 1 = object). Every pair is checked before training: a missing, unreadable, wrongly sized, non-binary or
 empty mask stops the run with a message naming the file, or with `--skip-bad-images` is skipped and counted.
-Images and masks are resized to the model's input size (`vision_config.image_size`, 1024 for SAM) and the image
-normalised with the model's `SamImageProcessor` mean/std; the box prompt is the mask's bounding box, jittered by
-up to `--box-jitter` x the box's side while training. The loss is Dice + binary cross-entropy of the low-resolution
-mask logits upsampled to the input size; the summary reports the Dice of the thresholded masks on the validation
-split (`--val-dir`, or `--val-fraction` of `--data-dir` held out with the seed). `--data-fraction` trains on that
+Images and masks go through the model's `SamImageProcessor` as SAM sees them at inference: longest side resized to
+the model's input size (`vision_config.image_size`, 1024 for SAM; masks with nearest neighbour), normalised, padded
+to a square; the box prompt is the mask's bounding box in that frame, jittered by up to `--box-jitter` x the box's
+side while training. The loss is Dice + binary cross-entropy of the low-resolution mask logits upsampled to the
+input size, over the image's pixels only (never the padding); the summary reports the Dice of the thresholded
+masks (at the input resolution, padding excluded) on the validation split (`--val-dir`, or `--val-fraction` of `--data-dir` held out with the seed). `--data-fraction` trains on that
 share of the training pairs, drawn with the seed (the paper's 20/50/100% columns).
 
 Serial LoRA adapts every attention of the image encoder (a pair per block before the fused qkv); the prompt encoder
@@ -126,32 +127,44 @@ def box_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
 
 
-class MaskDataset(torch.utils.data.Dataset):
-    """(pixel_values 3xSxS, box 1x4, mask SxS) per pair; the box is jittered (from torch's seeded RNG) if asked."""
+def sam_processor(model_id: str, size: int) -> Any:
+    """The model's `SamImageProcessor` (SAM's defaults for a folder without one), framed for inputs of `size` px:
+    longest side resized to `size`, padded to size x size; masks the same way (not to SAM's 256 px logits)."""
+    from transformers import SamImageProcessor
 
-    def __init__(self, pairs: list[tuple[str, str]], size: int, mean: Any, std: Any, box_jitter: float = 0.0) -> None:
-        self.pairs, self.size, self.box_jitter = pairs, size, box_jitter
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    frame = {"size": {"longest_edge": size}, "pad_size": {"height": size, "width": size},
+             "mask_size": {"longest_edge": size}, "mask_pad_size": {"height": size, "width": size}}
+    try:
+        return SamImageProcessor.from_pretrained(model_id, **frame)
+    except (OSError, ValueError):  # a folder with the model only
+        return SamImageProcessor(**frame)
+
+
+class MaskDataset(torch.utils.data.Dataset):
+    """(pixel_values 3xSxS, box 1x4, mask SxS, valid SxS) per pair, through SAM's image processor; `valid` is 1 on
+    the image, 0 on its padding. The box is jittered (from torch's seeded RNG) within the image if asked."""
+
+    def __init__(self, pairs: list[tuple[str, str]], processor: Any, box_jitter: float = 0.0) -> None:
+        self.pairs, self.processor, self.box_jitter = pairs, processor, box_jitter
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        import numpy as np
-        from PIL import Image
-
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        size = (self.size, self.size)
-        image = _load(Path(image_path)).convert("RGB").resize(size, Image.BILINEAR)
-        mask = _load(Path(mask_path)).convert("L").resize(size, Image.NEAREST)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        target = torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))
+        image = _load(Path(image_path)).convert("RGB")
+        mask = _load(Path(mask_path)).convert("L")
+        out = self.processor(images=image, segmentation_maps=mask, return_tensors="pt")
+        target = (out["labels"][0] > 0).float()
+        height, width = out["reshaped_input_sizes"][0].tolist()
+        valid = torch.zeros_like(target)
+        valid[:height, :width] = 1
         box = box_from_mask(target)
         if self.box_jitter:
             side = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2)
-            box = (box + (torch.rand(4) * 2 - 1) * self.box_jitter * side).clamp(0, self.size)
-        return (pixels - self.mean) / self.std, box[None], target
+            box = box + (torch.rand(4) * 2 - 1) * self.box_jitter * side
+            box = torch.minimum(box.clamp(min=0), torch.tensor([width, height, width, height], dtype=box.dtype))
+        return out["pixel_values"][0].float(), box[None], target, valid
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -167,12 +180,16 @@ def dice_scores(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                           average="micro")
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss + binary cross-entropy of (N, H, W) mask logits (the usual SAM fine-tuning loss)."""
-    prob = logits.sigmoid().flatten(1)
-    flat = target.flatten(1)
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                  smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss + binary cross-entropy of (N, H, W) mask logits (the usual SAM fine-tuning loss), over the
+    pixels where `valid` is 1 (all without it: padding must not teach the model anything)."""
+    valid = torch.ones_like(target) if valid is None else valid
+    prob = (logits.sigmoid() * valid).flatten(1)
+    flat = (target * valid).flatten(1)
     dice = (2 * (prob * flat).sum(1) + smooth) / (prob.sum(1) + flat.sum(1) + smooth)
-    return (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=valid, reduction="sum") / valid.sum()
+    return (1 - dice).mean() + bce
 
 
 def mask_logits(model: nn.Module, pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -240,40 +257,35 @@ class SamTask(Task):
 
     def build(self, args: TrainingArguments, accelerator: Any) -> TaskSetup:
         import transformers_plugin as tp
-        from transformers import SamImageProcessor, SamModel
+        from transformers import SamModel
 
         try:
             model = SamModel.from_pretrained(self.options.model)
         except (OSError, ValueError) as err:
             raise ValueError(f"--model {self.options.model!r}: cannot load a SamModel from it "
                              f"({str(err).splitlines()[0]}); pass a hub id or a folder written by save_pretrained") from err
-        try:
-            processor = SamImageProcessor.from_pretrained(self.options.model)
-        except (OSError, ValueError):  # a folder with the model only: SAM's own defaults
-            processor = SamImageProcessor()
         targets = [f"^{re.escape(name)}$" for name in tp.attention_towers(model).get(TOWER, [])]
         if not targets:
             raise ValueError(f"--model {self.options.model!r}: no image-encoder attention found")
         model, self.info = apply_method(model, args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                                         target_modules=targets)
-        size = model.config.vision_config.image_size
+        processor = sam_processor(self.options.model, model.config.vision_config.image_size)
         self.train_pairs, val_pairs = self._split(args.seed)
-        mean, std = processor.image_mean, processor.image_std
-        self.val_set = MaskDataset(val_pairs, size, mean, std)
-        return TaskSetup(model=model, train_dataset=MaskDataset(self.train_pairs, size, mean, std, self.options.box_jitter))
+        self.val_set = MaskDataset(val_pairs, processor)
+        return TaskSetup(model=model, train_dataset=MaskDataset(self.train_pairs, processor, self.options.box_jitter))
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        pixels, boxes, target = batch
-        return dice_bce_loss(mask_logits(model, pixels, boxes), target)
+        pixels, boxes, target, valid = batch
+        return dice_bce_loss(mask_logits(model, pixels, boxes), target, valid)
 
     def evaluate(self, model: nn.Module, accelerator: Any) -> dict[str, float]:
         loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.options.eval_batch_size, shuffle=False)
         scores, losses = [], []
-        for pixels, boxes, target in loader:
-            pixels, boxes, target = pixels.to(accelerator.device), boxes.to(accelerator.device), target.to(accelerator.device)
+        for batch in loader:
+            pixels, boxes, target, valid = (t.to(accelerator.device) for t in batch)
             logits = mask_logits(model, pixels, boxes)
-            losses.append(dice_bce_loss(logits, target).item() * len(target))
-            scores.append(dice_scores(logits > 0, target > 0.5))
+            losses.append(dice_bce_loss(logits, target, valid).item() * len(target))
+            scores.append(dice_scores((logits > 0) & (valid > 0), target > 0.5))
         return {"dice": torch.cat(scores).mean().item(), "val_loss": sum(losses) / len(self.val_set)}
 
     def save(self, model: nn.Module, output_dir: Path) -> Path:

@@ -64,7 +64,7 @@ def test_train_lowers_loss_and_the_file_rebuilds_the_classifier(image_folders, b
     assert rebuilt.num_classes == 3
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(images), result.model.eval()(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rebuilt(images), result.model.eval().cpu()(images), rtol=1e-5, atol=1e-5)
     card = (out / "README.md").read_text()
     for fact in (ARCH, "base.safetensors", "Serial LoRA", "adapter parameters", "512", "top1", "18 training images"):
         assert fact in card
@@ -112,7 +112,7 @@ def test_the_model_cards_snippet_runs_as_written_and_rebuilds_the_trained_classi
     model = run_card_snippet(out, monkeypatch)["model"]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images), result.model.eval()(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(images), result.model.eval().cpu()(images), rtol=1e-5, atol=1e-5)
 
 
 def _corrupt(folder: Path) -> Path:

@@ -93,11 +93,11 @@ def test_training_lowers_the_loss_on_the_image_encoder_only_and_reports_dice(met
     assert set(result.metrics) == {"dice", "val_loss"} and 0 <= result.metrics["dice"] <= 1
     assert "= 3x Serial 512: PEFT shares A across q,k,v on a fused qkv+proj" in result.summary  # SAM's fused qkv
     fresh = SamModel.from_pretrained(base).eval()
-    trained = result.model.eval()
+    trained = result.model.eval().cpu()  # trained on a GPU where there is one; compared on the CPU
     frozen = {k: v for k, v in fresh.state_dict().items() if not k.startswith("vision_encoder.")}
     now = trained.state_dict() if method == "serial" else trained.get_base_model().state_dict()
     assert frozen and all(torch.equal(now[k], v) for k, v in frozen.items())  # prompt encoder + mask decoder
-    pixels, boxes, _ = next(iter(torch.utils.data.DataLoader(task.val_set, batch_size=2)))
+    pixels, boxes, *_ = next(iter(torch.utils.data.DataLoader(task.val_set, batch_size=2)))
     from_card = run_card_snippet(out, monkeypatch)["model"].eval()  # the model card's snippet, as written
     with torch.no_grad():
         torch.testing.assert_close(mask_logits(from_card, pixels, boxes), mask_logits(trained, pixels, boxes),
@@ -170,15 +170,38 @@ def test_bad_arguments_exit_2_with_one_clear_line(extra, message, sam_data, tmp_
     assert err.startswith("serial-lora: error: ") and re.search(message, err), err
 
 
-def test_inputs_are_resized_to_the_model_and_training_boxes_are_jittered_within_bounds(sam_data):
-    base, train_dir, val_dir = sam_data
+def test_inputs_go_through_sams_processor_and_training_boxes_are_jittered_within_the_image(sam_data):
+    from transformers import SamProcessor
+
+    base, train_dir, val_dir = sam_data  # 48x40 images: the longest side becomes SAM_IMAGE, the rest is padding
     task = SamTask(SamOptions(model=str(base), data_dir=str(train_dir), val_dir=str(val_dir), box_jitter=0.1))
     train_set = task.build(TrainingArguments(output_dir="unused", rank=4, mixed_precision="no"), None).train_dataset
-    pixels, box, mask = task.val_set[0]
-    assert pixels.shape == (3, SAM_IMAGE, SAM_IMAGE) and mask.shape == (SAM_IMAGE, SAM_IMAGE)
-    torch.testing.assert_close(box[0], box_from_mask(mask))  # validation boxes are exact
+    pixels, box, mask, valid = task.val_set[0]
+    height = round(40 * SAM_IMAGE / 48)
+    assert pixels.shape == (3, SAM_IMAGE, SAM_IMAGE) and mask.shape == valid.shape == (SAM_IMAGE, SAM_IMAGE)
+    assert valid[:height].all() and not valid[height:].any()  # aspect ratio kept, bottom padded
+    assert not pixels[:, height:].any() and not mask[height:].any()
+    # What SAM's own processor gives for the same image (what users feed the adapted model at inference).
+    image_path, mask_path = task.val_set.pairs[0]
+    reference = SamProcessor(image_processor=task.val_set.processor)(images=Image.open(image_path), return_tensors="pt")
+    torch.testing.assert_close(pixels, reference["pixel_values"][0])
+    assert reference["reshaped_input_sizes"][0].tolist() == [height, SAM_IMAGE]
+    source = np.asarray(Image.open(mask_path)) > 0
+    torch.testing.assert_close(box[0], box_from_mask(mask))  # validation boxes are exact, in the input frame
+    assert abs(box[0, 2] - box[0, 0] - (source.any(0).sum() * SAM_IMAGE / 48)) <= 1.5  # width scaled, not squashed
     exact = box_from_mask(train_set[0][2])
     side = (exact[2:] - exact[:2]).repeat(2)
     jittered = torch.stack([train_set[0][1][0] for _ in range(5)])
     assert not torch.equal(jittered[0], jittered[1])  # a new draw each time (the engine seeds each sample's draw)
     assert ((jittered - exact).abs() <= 0.1 * side + 1e-5).all()
+    assert (jittered >= 0).all() and (jittered[:, [0, 2]] <= SAM_IMAGE).all() and (jittered[:, [1, 3]] <= height).all()
+
+
+def test_the_loss_ignores_the_padding():
+    target = _mask("##.. ##.. .... ....").float()[None]
+    valid = _mask("#### #### .... ....").float()[None]
+    logits = (target * 2 - 1) * 30
+    spoiled = logits.clone()
+    spoiled[0, 2:] = 30.0  # confident "object" on the padding only
+    torch.testing.assert_close(dice_bce_loss(spoiled, target, valid), dice_bce_loss(logits, target, valid))
+    assert dice_bce_loss(spoiled, target) > dice_bce_loss(logits, target) + 1  # counted without `valid`

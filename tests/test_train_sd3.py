@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,34 @@ def test_method_lora_saves_what_stock_diffusers_loads(pipeline_dir, instance_dir
     from_card = run_card_snippet(out, monkeypatch)["pipe"]  # the card's snippet runs as written from its folder
     with torch.no_grad():
         torch.testing.assert_close(from_card.transformer(**x).sample, pipe.transformer(**x).sample, rtol=0, atol=0)
+
+
+# Two processes in one group: gloo on CPU (CI) and NCCL on 2 GPUs (`-m multigpu`), through `accelerate launch`.
+LAUNCHES = {"cpu_gloo": ["--mixed_precision", "no"],
+            "two_gpus": pytest.param(["--mixed_precision", "bf16"], marks=pytest.mark.multigpu)}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES.values(), ids=list(LAUNCHES))
+def test_two_process_ddp_writes_one_file_the_pipeline_loads(launch, pipeline_dir, instance_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+               "--num_machines", "1", "--dynamo_backend", "no", *launch, "-m", "serial_lora_train.sd3",
+               "--pretrained-model-name-or-path", str(pipeline_dir), "--instance-data-dir", str(instance_dir),
+               "--instance-prompt", "a tiny cat", "--output-dir", str(out), *TINY, "--max-train-steps", "2",
+               "--train-batch-size", "1", "--rank", "4", "--learning-rate", "1e-2", "--streams", "image,text"]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^processes\s+2$", done.stdout, re.M), done.stdout  # both trained, in one group
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # written once, by the main process
+    pipe = fresh_pipeline(pipeline_dir)
+    loaded = pipe.load_serial_lora_weights(out)
+    assert loaded.rank == 4 and set(loaded.streams) == {"image", "text"}
+    from diffusers_loader.fetch import DEFAULT_WEIGHT_NAME
+    from serial_lora_core import read_file
+
+    assert any(pair.up.abs().sum() > 0 for pair in read_file(out / DEFAULT_WEIGHT_NAME).weights.values())  # trained
 
 
 def test_resumed_run_with_gradient_checkpointing_equals_uninterrupted_run(pipeline_dir, instance_dir, tmp_path):
