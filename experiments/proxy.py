@@ -25,6 +25,7 @@ No pretrained weights or datasets are reachable offline, so this is the smallest
         --out experiments/results --workers 12
     python -m experiments.proxy ... --resume                   # keep OUT's runs, add what is missing or wider
     python -m experiments.proxy --from-records OUT/proxy_records.jsonl --out OUT   # tables of an interrupted search
+    python -m experiments.proxy --pool A/proxy.json B/proxy.json --out OUT   # paired differences over searches
     python -m experiments.proxy --smoke --out /tmp/proxy        # CPU, seconds: tests the pipeline only
 """
 
@@ -401,14 +402,46 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             for setting in ("default_test", "tuned_test"):
                 seeds = sorted(set(ra[setting]) & set(rb[setting]))
                 diffs = [ra[setting][s] - rb[setting][s] for s in seeds]
-                if not diffs:
-                    continue
-                mean, std = mean_std(diffs)
-                paired.append({"task": task, "shots": n, "pair": f"{a} - {b}", "setting": setting.split("_")[0],
-                               "per_seed": dict(zip(seeds, diffs)), "mean": mean, "std": std,
-                               "ci95": t_interval(diffs), "wins": sum(d > 0 for d in diffs),
-                               "losses": sum(d < 0 for d in diffs), "seeds": len(diffs)})
+                if diffs:
+                    paired.append({"task": task, "shots": n, "pair": f"{a} - {b}", "setting": setting.split("_")[0],
+                                   "per_seed": dict(zip(seeds, diffs)), **paired_stats(diffs)})
     return {"rows": rows, "paired": paired}
+
+
+def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
+    """Mean, std, 95% t half-width, wins, losses and count of paired differences."""
+    mean, std = mean_std(diffs)
+    return {"mean": mean, "std": std, "ci95": t_interval(diffs), "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs), "seeds": len(diffs)}
+
+
+def paired_table(paired: list[dict[str, Any]]) -> str:
+    """The paired-differences table (percentage points) of `summarize` or `pool_searches`."""
+    body = [[p["task"], p["shots"], p["pair"], p["setting"], f"{p['mean'] * 100:+.1f}", f"{p['std'] * 100:.1f}",
+             f"±{p['ci95'] * 100:.1f}", f"{p['wins']}/{p['losses']}/{p['seeds']}"] for p in paired]
+    return markdown_table(["task", "shots", "difference", "setting", "mean", "std", "95% CI", "W/L/N"], body)
+
+
+def pool_searches(paths: Sequence[str], out: str) -> dict[str, Any]:
+    """Paired differences of several searches (e.g. two backbones) with each cell's seeds pooled: every search
+    keeps its own tuning; the interval treats all pairs as independent (too narrow if searches differ)."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    groups: dict[tuple, list[float]] = {}
+    for run in runs:
+        for p in run["paired"]:
+            groups.setdefault((p["task"], p["shots"], p["pair"], p["setting"]), []).extend(p["per_seed"].values())
+    paired = [{"task": t, "shots": n, "pair": pair, "setting": setting, "per_seed": diffs, **paired_stats(diffs)}
+              for (t, n, pair, setting), diffs in groups.items()]
+    record = {"experiment": "offline proxy, paired differences pooled over searches", "sources": list(paths),
+              "smoke": any(run["smoke"] for run in runs), "complete": all(run["complete"] for run in runs),
+              "paired": paired, "environment": environment()}
+    text = (smoke_banner(record["smoke"]) + "# Offline proxy: paired differences pooled over searches\n\n"
+            f"Sources: {', '.join(f'`{p}`' for p in paths)} ({'all' if record['complete'] else 'NOT all'} complete). "
+            "Percentage points; each search tuned on its own validation data; CI: 95% Student-t interval treating "
+            "every pair as independent; W/L/N: pairs where the first method wins / loses / pairs.\n\n"
+            + paired_table(paired) + "\n")
+    write_results(out, "proxy_pooled", record, text)
+    return record
 
 
 def _ratio_text(value: float | None) -> str:
@@ -447,12 +480,9 @@ def markdown(summary: dict[str, Any], record: dict[str, Any]) -> str:
         out += [f"## {task}\n\n", markdown_table(
             ["shots", "method", "adapter params", "trainable params (incl. head)", "test top-1 @ paper defaults",
              "test top-1 @ tuned", "tuned lr", "configs searched", "seeds"], body), "\n"]
-    body = [[p["task"], p["shots"], p["pair"], p["setting"], f"{p['mean'] * 100:+.1f}", f"{p['std'] * 100:.1f}",
-             f"±{p['ci95'] * 100:.1f}", f"{p['wins']}/{p['losses']}/{p['seeds']}"] for p in paired]
     out += ["## Paired differences (same shots, head init and batch order per seed)\n\n",
             "Percentage points; CI: 95% Student-t interval of the mean difference; W/L/N: seeds where the first "
-            "method wins / loses / seeds.\n\n",
-            markdown_table(["task", "shots", "difference", "setting", "mean", "std", "95% CI", "W/L/N"], body), "\n"]
+            "method wins / loses / seeds.\n\n", paired_table(paired), "\n"]
     if record.get("step_times"):
         body = [[m, f"{t['ms_per_step']:.2f}", f"{t['adapter_parameters']:,}", f"{t['trainable_parameters']:,}"]
                 for m, t in record["step_times"].items()]
@@ -556,9 +586,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="keep the runs already in OUT/proxy_records.jsonl and run only what is missing (and widen)")
     parser.add_argument("--from-records", dest="from_records",
                         help="rebuild proxy.json/.md from a proxy_records.jsonl of an interrupted search, without training")
+    parser.add_argument("--pool", nargs="+", metavar="PROXY_JSON",
+                        help="write OUT/proxy_pooled.md/.json: the paired differences of these searches' proxy.json, "
+                        "seeds pooled per cell (e.g. two backbones), without training")
     args = parser.parse_args(argv)
     if args.from_records:
         return rebuild(args.from_records, args.out)
+    if args.pool:
+        return pool_searches(args.pool, args.out)
     if args.smoke:
         args.shots, args.seeds, args.epochs, args.rank = [1], 2, 2, 8
         args.lr_half_width, args.ratio_half_width, args.max_rounds, args.step_time_steps = 1, 0, 1, 2

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from experiments.common import smoke_banner, write_results
-from experiments.tables import (METHOD_ARGS, SMOKE_ARGS, base_record, layout, resolve, table_parser, tests_module,
-                               train, write_class_folders)
+from experiments.tables import (SMOKE_ARGS, base_record, layout, resolve, run_grid, table_parser, tests_module,
+                               write_class_folders)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -156,23 +156,19 @@ def run(args: argparse.Namespace, base: str, data_root: Path, datasets: list[str
 
     clip_loader = lambda: (TensorFeatures(CLIPModel.from_pretrained(clip_model)), CLIPProcessor.from_pretrained(clip_model))  # noqa: E731
     fid_feature = {"feature": TinyFeatures()} if args.smoke else {"feature": 2048, "feature_extractor_weights_path": args.fid_weights}
-    runs = []
-    for dataset in datasets:
-        test = pairs(data_root / dataset / "test")
-        for fraction in args.fractions:
-            for method in args.methods:
-                for seed in range(args.seeds):
-                    train_dir = subset(data_root / dataset / "train", fraction, seed, work / dataset / f"{fraction}_{seed}")
-                    out = Path(args.out) / "runs" / dataset / str(fraction) / method.replace(" ", "_") / f"seed{seed}"
-                    argv = ["--pretrained-model-name-or-path", base, "--instance-data-dir", str(train_dir),
-                            "--seed", str(seed), "--resolution", str(args.resolution), *METHOD_ARGS[method],
-                            "--overwrite-output-dir"]
-                    argv += [*SMOKE_ARGS, "--max-sequence-length", "16"] if args.smoke else \
-                        ["--num-train-epochs", str(args.epochs), *args.extra]
-                    result = train("train-sd3", argv, out)
-                    result["metrics"] = score(args, base, out, method, test, clip_loader, fid_feature)
-                    runs.append({"dataset": dataset, "setting": fraction, "method": method, "seed": seed, **result})
-    return runs
+    tests = {dataset: pairs(data_root / dataset / "test") for dataset in datasets}
+
+    def argv(dataset: str, fraction: float, seed: int) -> list[str]:
+        train_dir = subset(data_root / dataset / "train", fraction, seed, work / dataset / f"{fraction}_{seed}")
+        options = ["--pretrained-model-name-or-path", base, "--instance-data-dir", str(train_dir), "--seed", str(seed),
+                   "--resolution", str(args.resolution)]
+        return options + ([*SMOKE_ARGS, "--max-sequence-length", "16"] if args.smoke else
+                          ["--num-train-epochs", str(args.epochs), *args.extra])
+
+    def metrics(dataset: str, method: str, output_dir: Path) -> dict[str, float]:
+        return score(args, base, output_dir, method, tests[dataset], clip_loader, fid_feature)
+
+    return run_grid("train-sd3", Path(args.out), datasets, args.fractions, args.methods, args.seeds, argv, metrics)
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -95,13 +95,16 @@ def write_mask_folders(root: Path, count: int, size: int, seed: int) -> Path:
 
 
 def run_grid(command: str, out: Path, datasets: list[str], settings: list[Any], methods: list[str], seeds: int,
-             argv: Any) -> list[dict[str, Any]]:
+             argv: Any, score: Any = None) -> list[dict[str, Any]]:
     """Every (dataset, setting, method, seed) through `serial-lora <command>`; `argv(dataset, setting, seed)`
-    gives the run's options besides the method's."""
+    gives the run's options besides the method's (the method's come last, so they win). `score(dataset, method,
+    output_dir)`, if given, replaces the trainer's own final metrics (e.g. metrics of generated images)."""
     runs = []
     for dataset, setting, method, seed in itertools.product(datasets, settings, methods, range(seeds)):
         folder = out / "runs" / dataset / str(setting) / method.replace(" ", "_") / f"seed{seed}"
         result = train(command, [*argv(dataset, setting, seed), *METHOD_ARGS[method], "--overwrite-output-dir"], folder)
+        if score is not None:
+            result["metrics"] = score(dataset, method, folder)
         runs.append({"dataset": dataset, "setting": setting, "method": method, "seed": seed, **result})
     return runs
 

@@ -175,6 +175,14 @@ def test_proxy_smoke_end_to_end_with_spectrum(smoke_backbone, tmp_path):
     resumed = proxy.main(["--smoke", "--backbone", backbone, "--out", str(tmp_path), "--resume"])
     keys = [tuple(r[k] for k in ("task", "shots", "seed", "method", "lr_exp", "ratio_exp")) for r in resumed["records"]]
     assert len(keys) == len(set(keys)) >= len(saved["records"])
+    # Pooling a search with itself: every cell has twice the pairs, the same mean, twice the wins.
+    pooled = proxy.main(["--pool", str(tmp_path / "proxy.json"), str(tmp_path / "proxy.json"), "--out", str(tmp_path / "pooled")])
+    once = {(p["task"], p["shots"], p["pair"], p["setting"]): p for p in saved["paired"]}
+    assert len(pooled["paired"]) == len(once) and (tmp_path / "pooled" / "proxy_pooled.md").is_file()
+    for p in pooled["paired"]:
+        single = once[p["task"], p["shots"], p["pair"], p["setting"]]
+        assert (p["seeds"], p["wins"]) == (2 * single["seeds"], 2 * single["wins"])
+        assert p["mean"] == pytest.approx(single["mean"])
     rebuilt = proxy.main(["--from-records", str(tmp_path / "proxy_records.jsonl"), "--out", str(tmp_path / "again")])
     assert rebuilt["rows"].keys() == saved["rows"].keys()
     assert "INCOMPLETE" in (tmp_path / "again" / "proxy.md").read_text()
