@@ -6,8 +6,10 @@ Serial LoRA vs PEFT LoRA on the same base, through `serial_lora_train.analyze` (
 
 `--adapters` is the folder `experiments.proxy --spectrum-dir` writes: `serial.safetensors` + PEFT's `lora/`, and
 `serial_plus.safetensors` + `lora_plus/` (the LoRA+ pair). Each pair gets a sub-folder with spectra.png and
-spectra.csv. The models are built here (not by the CLI's timm overlay) because the proxy's backbone file keeps
-its 400-class pre-training head while the adapters carry the 10-class head they were trained with.
+spectra.csv. The models are built here by `pretrain_proxy.build_backbone` (the proxy's shrunken ViT, its own
+loader), not by timm's `pretrained_cfg_overlay`: timm 1.0.29 sends a local file for this architecture to its JAX
+`.npz` loader. With timm 1.0.31 `serial-lora analyze --pretrained-file backbone.safetensors --model-kwargs ...`
+gives the same figure.
 """
 
 from __future__ import annotations

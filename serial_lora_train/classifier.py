@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,11 @@ def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | No
     kwargs = dict(model_kwargs, **kwargs)
     if pretrained_file is not None:
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+        overlay: dict[str, Any] = dict(file=str(pretrained_file))
+        classes = file_classifier_size(model, pretrained_file)
+        if classes is not None:  # timm then keeps the file's head if the sizes agree, else starts a new one
+            overlay["num_classes"] = classes
+        kwargs["pretrained_cfg_overlay"] = overlay
     try:
         return timm.create_model(model, pretrained=pretrained, **kwargs)
     except OSError as err:
@@ -85,6 +90,27 @@ def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | No
                          f"{json.dumps(model_kwargs)} ({len(problems)} problem(s); first: "
                          f"{first[:240]}{'...' if len(first) > 240 else ''}); pass the architecture and the "
                          "--model-kwargs (depth, embed_dim, img_size, ...) the weights were saved with") from err
+
+
+
+def file_classifier_size(model: str, path: str | Path) -> int | None:
+    """Outputs of the classifier stored in a local .safetensors base-weights file (None: no such tensor, not a
+    safetensors file, or an architecture without a classifier). timm's `pretrained_cfg_overlay` needs it when the
+    file's head was trained for other classes than the architecture's default (e.g. 400 instead of 1000)."""
+    from safetensors import SafetensorError, safe_open
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model)
+    heads = cfg.classifier if cfg is not None else None
+    head = heads if isinstance(heads, str) else (heads[0] if heads else None)
+    if head is None:
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            key = f"{head}.weight"
+            return int(handle.get_slice(key).get_shape()[0]) if key in handle.keys() else None
+    except (SafetensorError, OSError):
+        return None  # not a safetensors file: timm reads it (or says why it cannot)
 
 
 class Normalize:

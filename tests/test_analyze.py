@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import timm
 import timm_plugin  # noqa: F401
@@ -73,6 +73,17 @@ def test_cli_writes_png_and_one_csv_row_per_block_projection_and_singular_value(
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("serial-lora: error: --pretrained-file") and "does not fit" in err, err
     assert "--model-kwargs" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    # Base weights whose head has another class count (pre-trained for 400 classes, say): the head is the
+    # adapter file's, the base's is not needed and the rest of the base loads as it is.
+    other = tmp_path / "base7.safetensors"
+    weights = load_file(str(base))
+    weights["head.weight"], weights["head.bias"] = torch.randn(7, weights["head.weight"].shape[1]), torch.zeros(7)
+    save_file(weights, str(other))
+    rc = cli_main(["analyze", str(adapter), "--model", ARCH, "--pretrained-file", str(other), "--model-kwargs",
+                   json.dumps(kwargs), "--output-dir", str(tmp_path / "other")])
+    assert rc == 0, capsys.readouterr().err
+    with open(tmp_path / "other" / CSV_FILE) as handle:
+        assert [r["base"] for r in csv.DictReader(handle)] == [r["base"] for r in rows]  # the same base spectra
 
 
 def _adapted(kind: str) -> torch.nn.Module:

@@ -191,6 +191,14 @@ def test_proxy_smoke_end_to_end_with_spectrum(smoke_backbone, tmp_path):
                             "--out", str(tmp_path / "spectrum")])
     assert [r["rows"] for r in result.values()] == [2 * 3 * 32] * 2
     assert all(Path(r["png"]).stat().st_size > 1000 for r in result.values())
+    # The same figure through the CLI a user runs: the backbone file's 10-class pre-training head is no obstacle.
+    from experiments.pretrain_proxy import ARCH, SMOKE_BACKBONE
+    from serial_lora_core.cli import main as cli_main
+
+    assert cli_main(["analyze", str(tmp_path / "adapters" / "serial.safetensors"), "--model", ARCH, "--pretrained-file",
+                     backbone, "--model-kwargs", json.dumps(SMOKE_BACKBONE), "--compare", str(tmp_path / "adapters" / "lora"),
+                     "--output-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "spectra.csv").read_bytes() == Path(result["serial_vs_lora"]["csv"]).read_bytes()
 
 
 
