@@ -64,7 +64,9 @@ def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | No
     kwargs = dict(model_kwargs, **kwargs)
     if pretrained_file is not None:
         pretrained = True
-        overlay: dict[str, Any] = dict(file=str(pretrained_file))
+        # custom_load: a .npz is timm's JAX format; anything else a state dict, even for architectures whose hub
+        # weights are .npz (timm < 1.0.31 kept their custom loader for a local file and failed on it).
+        overlay: dict[str, Any] = dict(file=str(pretrained_file), custom_load=Path(pretrained_file).suffix == ".npz")
         classes = file_classifier_size(model, pretrained_file)
         if classes is not None:  # timm then keeps the file's head if the sizes agree, else starts a new one
             overlay["num_classes"] = classes

@@ -224,8 +224,9 @@ def test_two_process_accelerate_launch_writes_one_file(image_folders, base_file,
     train_dir, _ = image_folders
     out = tmp_path / "ddp"
     args = cli_args(train_dir, out, base_file, "--max-train-steps", "2", "--train-batch-size", "3")[1:]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # `--multi_gpu` on a machine without GPUs: two processes in a gloo group (accelerate's `--cpu` would run one).
+    # GPUs hidden, `--multi_gpu`: two CPU processes in a gloo group (accelerate's `--cpu` would run one; on a machine
+    # with one GPU both ranks would otherwise share it, which NCCL refuses).
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
               "serial_lora_train.classifier", *args]
@@ -302,6 +303,30 @@ def test_the_timm_tag_rebuilds_a_trained_head_of_any_family(family, tmp_path):
     images = spec.images()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), trained.eval()(images))
+
+
+@pytest.mark.parametrize("name, custom_load, classes", [
+    ("base.safetensors", False, 7),  # a state dict, whatever format the architecture's hub weights have
+    ("base.pth", False, None),       # not safetensors: the head size is not read, timm reads the file
+    ("base.npz", True, None),        # timm's JAX format: its own loader
+])
+def test_local_base_weights_tell_timm_their_format_and_head_size(name, custom_load, classes, tmp_path, monkeypatch):
+    """vit_tiny's hub weights are .npz (custom_load=True); timm < 1.0.31 kept that loader for a local file."""
+    import timm as timm_module
+
+    from serial_lora_train.classifier import create_timm_model
+
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_file({"head.weight": torch.zeros(7, 4), "head.bias": torch.zeros(7)}, str(path))
+    else:
+        path.write_bytes(b"PK\x03\x04 another container format")  # what timm itself reads (torch.save, numpy)
+    seen = {}
+    monkeypatch.setattr(timm_module, "create_model", lambda model, **kwargs: seen.update(kwargs) or "built")
+    assert create_timm_model("vit_tiny_patch16_224", pretrained=False, pretrained_file=str(path), model_kwargs={}) == "built"
+    overlay = seen["pretrained_cfg_overlay"]
+    assert seen["pretrained"] and overlay["file"] == str(path) and overlay["custom_load"] is custom_load
+    assert overlay.get("num_classes") == classes
 
 
 def test_device_normalisation_matches_timms_float_transform(image_folders):

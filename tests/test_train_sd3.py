@@ -72,6 +72,7 @@ def run(pipeline_dir: Path, data: Path, out: Path, *extra: str) -> sd3.SD3Task:
                   "--instance-prompt", "a tiny cat", "--output-dir", str(out), *TINY, *extra])
     task = sd3.SD3Task(sd3.options_from_namespace(args))
     train(task, TrainingArguments.from_namespace(args))
+    task.model.cpu()  # trained on a GPU where there is one; the tests compare on the CPU
     return task
 
 
@@ -226,19 +227,21 @@ def test_method_lora_saves_what_stock_diffusers_loads(pipeline_dir, instance_dir
 
 
 # Two processes in one group: gloo on CPU (CI) and NCCL on 2 GPUs (`-m multigpu`), through `accelerate launch`.
-LAUNCHES = {"cpu_gloo": ["--mixed_precision", "no"],
-            "two_gpus": pytest.param(["--mixed_precision", "bf16"], marks=pytest.mark.multigpu)}
+# The CPU variant hides any GPU (on a one-GPU machine both ranks would share it, which NCCL refuses).
+LAUNCHES = {"cpu_gloo": (["--mixed_precision", "no"], {"CUDA_VISIBLE_DEVICES": ""}),
+            "two_gpus": pytest.param((["--mixed_precision", "bf16"], {}), marks=pytest.mark.multigpu)}
 
 
 @pytest.mark.parametrize("launch", LAUNCHES.values(), ids=list(LAUNCHES))
 def test_two_process_ddp_writes_one_file_the_pipeline_loads(launch, pipeline_dir, instance_dir, tmp_path):
+    launch, env = launch
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
                "--num_machines", "1", "--dynamo_backend", "no", *launch, "-m", "serial_lora_train.sd3",
                "--pretrained-model-name-or-path", str(pipeline_dir), "--instance-data-dir", str(instance_dir),
                "--instance-prompt", "a tiny cat", "--output-dir", str(out), *TINY, "--max-train-steps", "2",
                "--train-batch-size", "1", "--rank", "4", "--learning-rate", "1e-2", "--streams", "image,text"]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **env),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^processes\s+2$", done.stdout, re.M), done.stdout  # both trained, in one group
