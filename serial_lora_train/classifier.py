@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,22 +93,18 @@ def create_timm_model(model: str, *, pretrained: bool, pretrained_file: str | No
                          "--model-kwargs (depth, embed_dim, img_size, ...) the weights were saved with") from err
 
 
-
 def file_classifier_size(model: str, path: str | Path) -> int | None:
-    """Outputs of the classifier stored in a local .safetensors base-weights file (None: no such tensor, not a
-    safetensors file, or an architecture without a classifier). timm's `pretrained_cfg_overlay` needs it when the
-    file's head was trained for other classes than the architecture's default (e.g. 400 instead of 1000)."""
+    """Outputs of the classifier stored in a local .safetensors base-weights file (None: no such tensor, or not a
+    safetensors file). timm's `pretrained_cfg_overlay` needs it when the file's head was trained for other classes
+    than the architecture's default (e.g. 400 instead of 1000)."""
     from safetensors import SafetensorError, safe_open
     from timm.models import get_pretrained_cfg
+    from timm_plugin.factory import classifier_names
 
     cfg = get_pretrained_cfg(model)
-    heads = cfg.classifier if cfg is not None else None
-    head = heads if isinstance(heads, str) else (heads[0] if heads else None)
-    if head is None:
-        return None
+    key = f"{classifier_names(cfg.to_dict() if cfg is not None else None)[0]}.weight"
     try:
         with safe_open(str(path), "pt") as handle:
-            key = f"{head}.weight"
             return int(handle.get_slice(key).get_shape()[0]) if key in handle.keys() else None
     except (SafetensorError, OSError):
         return None  # not a safetensors file: timm reads it (or says why it cannot)

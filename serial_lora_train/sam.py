@@ -11,8 +11,9 @@ the model's input size (`vision_config.image_size`, 1024 for SAM; masks with nea
 to a square; the box prompt is the mask's bounding box in that frame, jittered by up to `--box-jitter` x the box's
 side while training. The loss is Dice + binary cross-entropy of the low-resolution mask logits upsampled to the
 input size, over the image's pixels only (never the padding); the summary reports the Dice of the thresholded
-masks (at the input resolution, padding excluded) on the validation split (`--val-dir`, or `--val-fraction` of `--data-dir` held out with the seed). `--data-fraction` trains on that
-share of the training pairs, drawn with the seed (the paper's 20/50/100% columns).
+masks (at the input resolution, padding excluded) on the validation split (`--val-dir`, or `--val-fraction` of
+`--data-dir` held out with the seed). `--data-fraction` trains on that share of the training pairs, drawn with
+the seed (the paper's 20/50/100% columns).
 
 Serial LoRA adapts every attention of the image encoder (a pair per block before the fused qkv); the prompt encoder
 and the mask decoder stay frozen. `--method lora` trains PEFT's LoRA on qkv and proj of the same blocks instead.

@@ -137,6 +137,8 @@ def test_cli_trains_an_open_clip_model_and_the_file_reloads(method, open_clip_ti
     adapter = tp.load_serial_lora(model, out / ADAPTER_FILE)
     assert len(adapter.attentions) == 4 and json.loads(adapter.metadata["towers"]) == ["text", "vision"]
     assert len(list(serial_lora_modules(rebuilt))) == 4
+    loaded, again = list(serial_lora_parameters(model)), list(serial_lora_parameters(rebuilt))
+    assert len(loaded) == len(again) == 8 and all(torch.equal(a, b) for a, b in zip(loaded, again))
 
 
 @pytest.mark.parametrize("shots, held_out", [("4", "6"), ("6", "none (pass --val-dir)")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -127,9 +128,11 @@ def make_serial_lora(model: nn.Module, architecture: str, options: SerialLoraOpt
     return model
 
 
-def classifier_names(model: nn.Module) -> tuple[str, ...]:
-    """The classifier head module name(s) timm records for `model` (a distilled DeiT has two)."""
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+def classifier_names(model: nn.Module | Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The classifier head module name(s) timm records for `model`, or in a pretrained cfg given as a mapping (a
+    distilled DeiT has two)."""
+    cfg = model if model is None or isinstance(model, Mapping) else getattr(model, "pretrained_cfg", None)
+    names = (cfg or {}).get("classifier") or "head"
     return tuple(names) if isinstance(names, (tuple, list)) else (names,)
 
 
